@@ -1,0 +1,5 @@
+import sys
+
+from dlqat.cli import main
+
+sys.exit(main())

@@ -1,0 +1,90 @@
+"""``dlqat`` command line: subcommands mapped onto the same dataclass configs as the Python API."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from transformers import HfArgumentParser
+
+from dlqat.methods.dl_qat import DLQATConfig
+from dlqat.train import TrainConfig
+
+
+def _train(argv: list[str]) -> int:
+    parser = HfArgumentParser((DLQATConfig, TrainConfig), prog="dlqat train",
+                              description="Quantization-aware low-rank fine-tuning (DL-QAT) of a causal LM.")
+    method_cfg, train_cfg = parser.parse_args_into_dataclasses(args=argv)
+    from dlqat.train import train
+
+    results = train(method_cfg, train_cfg)
+    print((Path(train_cfg.output_dir) / "results.md").read_text())
+    return 0 if results else 1
+
+
+def _eval(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="dlqat eval", description="Perplexity of a trained run or a model.")
+    parser.add_argument("path", nargs="?", default=None,
+                        help="run folder, its quantized/ folder, a hub id/HF folder/.gguf (float); default: embedded model")
+    parser.add_argument("--eval-data", default=None, help="text file (default: embedded Wikipedia text)")
+    parser.add_argument("--seq-len", type=int, default=2048, help="window length in tokens (stride = window)")
+    parser.add_argument("--max-windows", type=int, default=None, help="cap on the number of windows")
+    parser.add_argument("--rtn-bits", type=int, default=None, help="float model only: evaluate RTN at these bits")
+    parser.add_argument("--group-size", type=int, default=128, help="with --rtn-bits: group size (-1 per channel)")
+    parser.add_argument("--output", default=None, help="write the result as JSON here")
+    args = parser.parse_args(argv)
+
+    from dlqat import resources
+    from dlqat.data import read_text, tokenize_text
+    from dlqat.eval.perplexity import perplexity
+    from dlqat.export import load_quantized
+    from dlqat.models import load_model
+
+    path = Path(args.path) if args.path else None
+    if path is not None and (path / "quantized").is_dir():
+        path = path / "quantized"
+    if path is not None and (path / "dlqat_quant.json").is_file():
+        if args.rtn_bits is not None:
+            raise ValueError(f"--rtn-bits={args.rtn_bits}: {path} is already quantized; pass a float model")
+        model, tokenizer = load_quantized(path)
+        label = f"dlqat model {path}"
+    else:
+        model, tokenizer = load_model(args.path)
+        label = f"float model {args.path or 'SmolLM2-135M (embedded)'}"
+        if args.rtn_bits is not None:
+            from dlqat.methods import dl_qat
+
+            dl_qat.prepare(model, DLQATConfig(n_bits=args.rtn_bits, group_size=args.group_size))
+            label = f"RTN W{args.rtn_bits} g{args.group_size} of {label}"
+    source = args.eval_data or str(resources.default_eval_text())
+    result = perplexity(model, tokenize_text(read_text(source), tokenizer), args.seq_len, args.max_windows,
+                        Path(source).name)
+    print(f"{label}: perplexity {result.perplexity:.3f} ({result.describe()})")
+    if args.output:
+        Path(args.output).write_text(json.dumps({"model": label, **result.to_dict()}, indent=2))
+    return 0
+
+
+COMMANDS = {"train": _train, "eval": _eval}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] not in COMMANDS:
+        print("usage: dlqat {train,eval} [options]   (dlqat COMMAND --help for details)", file=sys.stderr)
+        return 0 if argv and argv[0] in ("-h", "--help") else 2
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    for noisy in ("transformers", "accelerate", "httpx"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    try:
+        return COMMANDS[argv[0]](argv[1:])
+    except (ValueError, OSError, FloatingPointError) as err:
+        print(f"dlqat {argv[0]}: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

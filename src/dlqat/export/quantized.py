@@ -1,0 +1,116 @@
+"""The finished low-bit model: convert trained layers to codes, save, and load back.
+
+Folder layout (``save_quantized``):
+    config.json, tokenizer files   the base model's, unchanged (so transformers can rebuild it)
+    dlqat_quant.json               {"format": ..., "layers": {dotted_name: {"n_bits", "group_size"}}}
+    model.safetensors              every tensor of the model; each quantized linear ``NAME`` stores
+                                   ``NAME.qweight`` (int8 signed codes, (out, in)), ``NAME.scale``
+                                   and ``NAME.offset`` ((out, n_groups)), so ``W = scale*q + offset``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from accelerate import init_empty_weights
+from safetensors.torch import load_file, save_file
+from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+
+from dlqat.layers import QuantizedLinear, QuantLoRALinear
+from dlqat.surgery import replace_linears
+
+FORMAT = "dlqat-int8-codes-v1"
+QUANT_FILE = "dlqat_quant.json"
+WEIGHTS_FILE = "model.safetensors"
+
+
+def convert(model: nn.Module) -> dict[str, dict]:
+    """Replace every ``QuantLoRALinear`` by a ``QuantizedLinear`` holding its final codes (in place).
+
+    The lifecycle's last step: the result has no trainable quantization state and computes exactly
+    the same outputs. Returns ``{name: {"n_bits", "group_size"}}`` for the converted layers.
+    """
+    layers: dict[str, dict] = {}
+
+    def make(name: str, layer: QuantLoRALinear) -> QuantizedLinear:
+        layers[name] = {"n_bits": layer.n_bits, "group_size": layer.group_size}
+        q, scale, offset = layer.to_codes()
+        return QuantizedLinear.from_codes(q, scale, offset, layer.n_bits, layer.group_size, layer.bias)
+
+    def is_trained_layer(_name: str, module: nn.Module) -> bool:
+        return isinstance(module, QuantLoRALinear)
+
+    try:
+        replace_linears(model, make, is_trained_layer)
+    except ValueError as err:
+        raise ValueError("convert() needs a prepared model: call a method's prepare() first") from err
+    return layers
+
+
+def _unique_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """State dict without tied duplicates (safetensors refuses shared storage)."""
+    seen, state = set(), {}
+    for name, tensor in model.state_dict().items():
+        key = (tensor.data_ptr(), tensor.shape, tensor.dtype)
+        if key in seen:
+            continue
+        seen.add(key)
+        state[name] = tensor.detach().contiguous().cpu()
+    return state
+
+
+def save_quantized(model: PreTrainedModel, tokenizer, out_dir: str | Path, layers: dict[str, dict]) -> Path:
+    """Write a converted model atomically (to a temp folder, then renamed into place)."""
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.tmp-"))
+    try:
+        model.config.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        (tmp / QUANT_FILE).write_text(json.dumps({"format": FORMAT, "layers": layers}, indent=2))
+        save_file(_unique_state_dict(model), tmp / WEIGHTS_FILE, metadata={"format": FORMAT})
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        os.replace(tmp, out_dir)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out_dir
+
+
+def load_quantized(path: str | Path, device: str | torch.device = "cpu") -> tuple[PreTrainedModel, object]:
+    """Rebuild a model saved by ``save_quantized``; its quantized linears run from the codes."""
+    path = Path(path)
+    quant_file = path / QUANT_FILE
+    if not quant_file.is_file():
+        raise FileNotFoundError(f"{quant_file}: not found; expected a folder written by `dlqat train` or save_quantized()")
+    meta = json.loads(quant_file.read_text())
+    if meta.get("format") != FORMAT:
+        raise ValueError(f"{quant_file}: format {meta.get('format')!r} is not {FORMAT!r}")
+    config = AutoConfig.from_pretrained(path)
+    state = load_file(path / WEIGHTS_FILE)
+    with init_empty_weights():  # parameters on meta; buffers (rotary tables) built for real
+        model = AutoModelForCausalLM.from_config(config)
+    layers = meta["layers"]
+
+    def make(name: str, linear: nn.Linear) -> QuantizedLinear:
+        spec = layers[name]
+        return QuantizedLinear(linear.in_features, linear.out_features, spec["n_bits"], spec["group_size"],
+                               linear.bias is not None, state[f"{name}.scale"].dtype, "meta")
+
+    replace_linears(model, make, lambda name, module: name in layers)
+    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
+    if unexpected:
+        raise ValueError(f"{path / WEIGHTS_FILE}: tensors the model does not have: {unexpected[:8]}")
+    model.tie_weights()
+    still_meta = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.device.type == "meta"]
+    if still_meta:
+        raise ValueError(f"{path / WEIGHTS_FILE}: tensors missing: {still_meta[:8]}")
+    tokenizer = AutoTokenizer.from_pretrained(path) if (path / "tokenizer_config.json").is_file() else None
+    return model.to(device).eval(), tokenizer

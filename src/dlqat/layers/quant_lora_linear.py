@@ -1,0 +1,120 @@
+"""The quantization-aware LoRA linear: ``y = x @ (m * Q(W0 + scaling * B @ A))^T + bias``.
+
+The adapter lives *inside* the quantizer (never a float side branch), so what is trained is exactly
+the low-bit weight that ships.
+"""
+
+from __future__ import annotations
+
+from enum import Enum
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dlqat.quant import apply_magnitude, fake_quantize, minmax_scale_offset, n_groups, quantize
+
+
+class ClipMode(str, Enum):
+    """Where the clipping range (scale, offset) comes from (DL-QAT paper, Table 3)."""
+
+    DYNAMIC = "dynamic"  # min/max of the current merged weight every step, never trained
+    LEARN_THEN_FIX = "learn_then_fix"  # DL-QAT: trained alone in phase 1, frozen in phase 2
+    JOINT = "joint"  # trained together with A, B (and m) in phase 2 (L4Q-style)
+
+
+class QuantLoRALinear(nn.Module):
+    """Frozen ``W0`` (shared with the source ``nn.Linear``), LoRA ``A``/``B``, ``scale``/``offset``
+    per group, and DL-QAT's per-group magnitude ``m``.
+
+    Shapes: ``weight (out, in)``, ``lora_a (rank, in)``, ``lora_b (out, rank)``,
+    ``scale``/``offset``/``magnitude`` ``(out, n_groups)``.
+    """
+
+    def __init__(
+        self,
+        weight: nn.Parameter,
+        bias: nn.Parameter | None,
+        n_bits: int,
+        group_size: int,
+        rank: int,
+        alpha: float,
+        use_magnitude: bool = True,
+        clip_mode: ClipMode | str = ClipMode.LEARN_THEN_FIX,
+    ) -> None:
+        super().__init__()
+        out_features, in_features = weight.shape
+        self.in_features, self.out_features = in_features, out_features
+        self.n_bits, self.group_size = n_bits, group_size
+        self.rank, self.alpha, self.scaling = rank, alpha, alpha / rank
+        self.clip_mode = ClipMode(clip_mode)
+        self.quantize_enabled = True
+        weight.requires_grad_(False)
+        self.weight, self.bias = weight, bias  # shared with the source linear, not copied
+        if bias is not None:
+            bias.requires_grad_(False)
+        factory = {"device": weight.device, "dtype": weight.dtype}
+        # PEFT's "gaussian" init for A; B = 0 so the layer starts exactly at RTN(W0).
+        self.lora_a = nn.Parameter(torch.randn(rank, in_features, **factory) / rank)
+        self.lora_b = nn.Parameter(torch.zeros(out_features, rank, **factory))
+        groups = (out_features, n_groups(in_features, group_size))
+        self.magnitude = nn.Parameter(torch.ones(groups, **factory)) if use_magnitude else None
+        if self.clip_mode is ClipMode.DYNAMIC:
+            self.scale = self.offset = None
+        else:
+            scale, offset = self._minmax(weight)
+            self.scale, self.offset = nn.Parameter(scale), nn.Parameter(offset)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, **kwargs) -> "QuantLoRALinear":
+        return cls(linear.weight, linear.bias, **kwargs)
+
+    def _minmax(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if w.device.type == "meta":
+            shape = (self.out_features, n_groups(self.in_features, self.group_size))
+            return torch.empty(shape, device="meta", dtype=w.dtype), torch.empty(shape, device="meta", dtype=w.dtype)
+        with torch.no_grad():
+            return minmax_scale_offset(w.detach(), self.n_bits, self.group_size)
+
+    def merged_weight(self) -> torch.Tensor:
+        """``W0 + scaling * B @ A``, ``(out, in)``."""
+        return self.weight + self.scaling * (self.lora_b @ self.lora_a)
+
+    def scale_offset(self, merged: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.clip_mode is ClipMode.DYNAMIC:
+            return self._minmax(merged)
+        return self.scale, self.offset
+
+    def quantized_weight(self) -> torch.Tensor:
+        """The float weight this layer computes with (``m * Q(W0 + sBA)``, or unquantized when off)."""
+        merged = self.merged_weight()
+        if not self.quantize_enabled:
+            return merged
+        scale, offset = self.scale_offset(merged)
+        return fake_quantize(merged, scale, offset, self.n_bits, self.group_size, self.magnitude)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.quantized_weight()
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        return F.linear(x, w.to(x.dtype), bias)
+
+    @torch.no_grad()
+    def to_codes(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Final weight as integer codes ``q`` (int8, ``(out, in)``) and the per-group ``scale``
+        and ``offset`` with the magnitude folded in: ``W = scale * q + offset``."""
+        merged = self.merged_weight()
+        scale, offset = self.scale_offset(merged)
+        q = quantize(merged, scale, offset, self.n_bits, self.group_size)
+        scale, offset = apply_magnitude(scale, offset, self.magnitude)
+        return q.to(torch.int8), scale, offset
+
+    def extra_repr(self) -> str:
+        return (
+            f"in={self.in_features}, out={self.out_features}, n_bits={self.n_bits}, "
+            f"group_size={self.group_size}, rank={self.rank}, scaling={self.scaling:g}, "
+            f"magnitude={self.magnitude is not None}, clip_mode={self.clip_mode.value}"
+        )
+
+
+
+__all__ = ["ClipMode", "QuantLoRALinear"]

@@ -1,0 +1,83 @@
+"""Load a causal LM and its tokenizer: hub id, local folder, or a GGUF file (expanded once, cached)."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from dlqat.resources import default_gguf
+
+log = logging.getLogger(__name__)
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("DLQAT_CACHE", Path.home() / ".cache" / "dlqat"))
+
+
+def expand_gguf(gguf_path: Path) -> Path:
+    """Expand a GGUF file to a float HF folder once (transformers dequantizes it, ~15 s) and cache it.
+
+    Written to a temporary folder and renamed into place, so a killed expansion never leaves a
+    half-written cache behind.
+    """
+    gguf_path = gguf_path.resolve()
+    stat = gguf_path.stat()
+    key = hashlib.sha1(f"{gguf_path}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:12]
+    target = cache_dir() / f"{gguf_path.stem}-{key}"
+    if (target / "config.json").is_file():
+        return target
+    log.info("expanding %s to %s (once)", gguf_path, target)
+    kwargs = {"gguf_file": gguf_path.name}
+    model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, dtype=torch.float32, **kwargs)
+    tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, **kwargs)
+    # The expanded weights are plain floats: drop the GGUF "quantization" marker so the folder
+    # loads as an ordinary model.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".tmp-"))
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        os.replace(tmp, target)
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not (target / "config.json").is_file():  # another process may have won the race
+            raise
+    return target
+
+
+def resolve_model_path(spec: str | None) -> str:
+    """``None`` -> the embedded SmolLM2-135M; ``*.gguf`` -> its cached expansion; else unchanged."""
+    if spec is None:
+        return str(expand_gguf(default_gguf()))
+    if spec.endswith(".gguf"):
+        path = Path(spec)
+        if not path.is_file():
+            raise FileNotFoundError(f"model={spec!r}: GGUF file not found")
+        return str(expand_gguf(path))
+    return spec
+
+
+def load_model(
+    spec: str | None, dtype: torch.dtype = torch.float32
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Model (eval mode, given dtype) and tokenizer (with a pad token) from a hub id, folder or GGUF."""
+    path = resolve_model_path(spec)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except OSError as err:
+        raise OSError(f"model={spec!r}: could not load a causal LM from {path!r}: {err}") from err
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model.eval()
+    return model, tokenizer

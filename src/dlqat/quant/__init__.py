@@ -1,0 +1,25 @@
+"""Pure quantizer math (no modules, no models)."""
+
+from dlqat.quant.primitives import (
+    apply_magnitude,
+    code_range,
+    dequantize,
+    fake_quantize,
+    minmax_scale_offset,
+    n_groups,
+    quantize,
+    resolve_group_size,
+    round_ste,
+)
+
+__all__ = [
+    "apply_magnitude",
+    "code_range",
+    "dequantize",
+    "fake_quantize",
+    "minmax_scale_offset",
+    "n_groups",
+    "quantize",
+    "resolve_group_size",
+    "round_ste",
+]

@@ -1,0 +1,161 @@
+"""Asymmetric group-wise quantizer math: pure tensor functions, no modules, no models.
+
+Layout: a weight ``w`` is ``(out_features, in_features)``; groups run along the input dimension,
+``group_size`` columns each (``-1``: one group per output channel). Per-group tensors (``scale``,
+``offset``, ``magnitude``) are ``(out_features, n_groups)``.
+
+Ragged last group: when ``in_features % group_size != 0`` (SmolLM2: 576 with group 128), the last
+group simply has fewer columns (576 = 4 x 128 + 64). Internally the weight is padded by repeating
+its last column, which leaves every group's min/max unchanged, and the padding is sliced off before
+the weight is used, so it never receives or sends gradient. Exports store the unpadded codes.
+
+Codes: ``q = clip(round((w - offset) / scale), -2^(n-1), 2^(n-1)-1)`` (signed), and the weight is
+``w_dq = scale * q + offset``. Every method's final weight has that form.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+MIN_BITS, MAX_BITS = 2, 8
+# A group whose values are all equal has max == min; the scale is floored so we never divide by 0.
+SCALE_EPS = 1e-8
+
+
+class _RoundSTE(torch.autograd.Function):
+    """round() whose backward is the identity (straight-through estimator)."""
+
+    @staticmethod
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        return torch.round(x)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:  # noqa: ANN001 - autograd signature
+        pass
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:  # noqa: ANN001
+        return grad
+
+
+def round_ste(x: torch.Tensor) -> torch.Tensor:
+    return _RoundSTE.apply(x)
+
+
+def check_bits(n_bits: int) -> None:
+    if not isinstance(n_bits, int) or not MIN_BITS <= n_bits <= MAX_BITS:
+        raise ValueError(f"n_bits={n_bits!r}: expected an integer from {MIN_BITS} to {MAX_BITS}")
+
+
+def code_range(n_bits: int) -> tuple[int, int]:
+    """Signed code range ``(-2^(n-1), 2^(n-1) - 1)``."""
+    check_bits(n_bits)
+    return -(2 ** (n_bits - 1)), 2 ** (n_bits - 1) - 1
+
+
+def resolve_group_size(group_size: int, in_features: int) -> int:
+    """Columns per group; ``-1`` means the whole row (per output channel)."""
+    if group_size == -1:
+        return in_features
+    if not isinstance(group_size, int) or group_size < 1:
+        raise ValueError(f"group_size={group_size!r}: expected a positive integer or -1 (per channel)")
+    return min(group_size, in_features)
+
+
+def n_groups(in_features: int, group_size: int) -> int:
+    return math.ceil(in_features / resolve_group_size(group_size, in_features))
+
+
+def to_groups(w: torch.Tensor, group_size: int) -> torch.Tensor:
+    """``(out, in) -> (out, n_groups, g)``, padding a ragged last group by repeating the last column."""
+    out_features, in_features = w.shape
+    g = resolve_group_size(group_size, in_features)
+    pad = n_groups(in_features, group_size) * g - in_features
+    if pad:
+        w = torch.cat([w, w[:, -1:].expand(out_features, pad)], dim=1)
+    return w.reshape(out_features, -1, g)
+
+
+def from_groups(wg: torch.Tensor, in_features: int) -> torch.Tensor:
+    """``(out, n_groups, g) -> (out, in)``, dropping the padding of a ragged last group."""
+    return wg.reshape(wg.shape[0], -1)[:, :in_features]
+
+
+def expand_groups(t: torch.Tensor, group_size: int, in_features: int) -> torch.Tensor:
+    """Per-group ``(out, n_groups)`` -> per-column ``(out, in)``."""
+    g = resolve_group_size(group_size, in_features)
+    return t.repeat_interleave(g, dim=1)[:, :in_features]
+
+
+def minmax_scale_offset(w: torch.Tensor, n_bits: int, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """DL-QAT's min/max init: max maps to code ``2^(n-1)-1`` and min to ``-2^(n-1)``.
+
+    ``s = (max - min) / (2^n - 1)``, ``b = (2^(n-1) max + (2^(n-1) - 1) min) / (2^n - 1)``.
+
+    Returns:
+        ``scale, offset``, each ``(out, n_groups)``.
+    """
+    check_bits(n_bits)
+    wg = to_groups(w, group_size)
+    w_max, w_min = wg.amax(dim=-1), wg.amin(dim=-1)
+    levels = 2**n_bits - 1
+    half = 2 ** (n_bits - 1)
+    scale = ((w_max - w_min) / levels).clamp_min(SCALE_EPS)
+    offset = (half * w_max + (half - 1) * w_min) / levels
+    return scale, offset
+
+
+def quantize(
+    w: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, n_bits: int, group_size: int
+) -> torch.Tensor:
+    """Integer codes (as floats) of ``w``; differentiable through the STE.
+
+    Gradients: ``w`` gets the identity inside the clip range and zero outside; ``scale`` and
+    ``offset`` get LSQ-style gradients from ordinary autograd around the one STE.
+
+    Returns:
+        ``q`` of shape ``(out, in)``, integer-valued, in ``code_range(n_bits)``.
+    """
+    lo, hi = code_range(n_bits)
+    wg = to_groups(w, group_size)
+    scale = scale.clamp_min(SCALE_EPS)
+    qg = torch.clamp(round_ste((wg - offset.unsqueeze(-1)) / scale.unsqueeze(-1)), lo, hi)
+    return from_groups(qg, w.shape[1])
+
+
+def dequantize(q: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, group_size: int) -> torch.Tensor:
+    """``scale * q + offset`` per group: ``q`` is ``(out, in)``, ``scale``/``offset`` ``(out, n_groups)``.
+
+    The fake-quantized training weight and the exported runtime weight both come from this one
+    function on the same values, which is why reloading an export reproduces logits bit for bit.
+    """
+    in_features = q.shape[1]
+    return q * expand_groups(scale, group_size, in_features) + expand_groups(offset, group_size, in_features)
+
+
+def apply_magnitude(
+    scale: torch.Tensor, offset: torch.Tensor, magnitude: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """DL-QAT's ``m * (s q + b)`` as the plain group quantizer ``(m s) q + (m b)``.
+
+    Training and export both take the final scale/offset from here, so they agree bit for bit.
+    """
+    scale = scale.clamp_min(SCALE_EPS)
+    if magnitude is None:
+        return scale, offset
+    return magnitude * scale, magnitude * offset
+
+
+def fake_quantize(
+    w: torch.Tensor,
+    scale: torch.Tensor,
+    offset: torch.Tensor,
+    n_bits: int,
+    group_size: int,
+    magnitude: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``m * (s * Q(w) + b)``: the float weight the quantized model computes with."""
+    q = quantize(w, scale, offset, n_bits, group_size)
+    return dequantize(q, *apply_magnitude(scale, offset, magnitude), group_size)

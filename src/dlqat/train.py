@@ -1,0 +1,269 @@
+"""One explicit training loop on Accelerate (so ``accelerate launch`` runs it on many processes).
+
+Lifecycle: load -> evaluate float -> prepare (quantized layers; at init this *is* RTN) -> evaluate
+RTN -> train the method's phases -> convert to codes -> save -> evaluate the saved model.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from safetensors.torch import save_file
+from tqdm.auto import tqdm
+
+from dlqat import resources
+from dlqat.data import collate, load_examples, micro_batch_indices, read_text, tokenize_text
+from dlqat.eval.perplexity import perplexity
+from dlqat.export import convert, save_quantized
+from dlqat.methods import dl_qat
+from dlqat.methods.base import Phase, count_parameters, set_trainable
+from dlqat.models import load_model
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT = "checkpoint.pt"
+# Used when no model and no data are given (the embedded demo): finishes in minutes on 2 CPU cores.
+DEMO_DEFAULTS = {"phase1_steps": 20, "phase2_steps": 40, "seq_len": 256, "grad_accum": 4, "eval_max_windows": 8,
+                 "eval_seq_len": 512}
+PAPER_DEFAULTS = {"phase1_steps": 1000, "phase2_steps": 1000, "seq_len": 1024, "grad_accum": 16,
+                  "eval_max_windows": None, "eval_seq_len": 2048}
+
+
+@dataclass
+class TrainConfig:
+    """Run settings shared by every method."""
+
+    model: str | None = field(default=None, metadata={"help": "hub id, local HF folder, or .gguf file; "
+                                                        "default: the embedded SmolLM2-135M"})
+    data: str | None = field(default=None, metadata={"help": "training data: Alpaca .json/.jsonl, text "
+                                                      "(.txt/.utf8/.md) or a hub dataset; default: embedded C4 text"})
+    eval_data: str | None = field(default=None, metadata={"help": "held-out text file for perplexity; "
+                                                           "default: embedded Wikipedia text"})
+    output_dir: str = field(default="runs/dlqat", metadata={"help": "run folder (config, checkpoints, model, results)"})
+    seq_len: int | None = field(default=None, metadata={"help": "training tokens per example; default 1024 (256 demo)"})
+    micro_batch_size: int = field(default=1, metadata={"help": "examples per forward pass per process"})
+    grad_accum: int | None = field(default=None, metadata={"help": "micro-batches per optimizer step; "
+                                                           "default 16 (effective batch 16; 4 in the demo)"})
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
+    max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping norm (0 = off)"})
+    seed: int = field(default=42, metadata={"help": "seed for init and data order"})
+    train_on_prompt: bool = field(default=False, metadata={"help": "instruction data: also train on prompt tokens"})
+    save_every: int = field(default=50, metadata={"help": "checkpoint every N optimizer steps"})
+    resume: bool = field(default=False, metadata={"help": "continue from output_dir/checkpoint.pt"})
+    eval_seq_len: int | None = field(default=None, metadata={"help": "perplexity window; default 2048 (512 demo)"})
+    eval_max_windows: int | None = field(default=None, metadata={"help": "cap on perplexity windows; "
+                                                                 "default all (8 in the demo)"})
+    mixed_precision: str = field(default="auto", metadata={"help": "auto (bf16 on GPU, fp32 on CPU), no, bf16, fp16"})
+    gradient_checkpointing: bool = field(default=False, metadata={"help": "recompute decoder layers in backward"})
+    progress: bool = field(default=True, metadata={"help": "show progress bars"})
+
+    def __post_init__(self) -> None:
+        for name in ("seq_len", "grad_accum", "eval_seq_len", "eval_max_windows"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"{name}={value!r}: expected a positive integer")
+        for name in ("micro_batch_size", "save_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)!r}: expected a positive integer")
+        if self.mixed_precision not in ("auto", "no", "bf16", "fp16"):
+            raise ValueError(f"mixed_precision={self.mixed_precision!r}: expected auto, no, bf16 or fp16")
+        if self.max_grad_norm < 0 or self.weight_decay < 0:
+            raise ValueError("max_grad_norm and weight_decay must be >= 0")
+
+    @property
+    def is_demo(self) -> bool:
+        return self.model is None and self.data is None
+
+
+def resolve_defaults(method_cfg: dl_qat.DLQATConfig, cfg: TrainConfig) -> None:
+    """Fill the ``None`` (auto) settings: the paper's values, or the short demo's."""
+    defaults = DEMO_DEFAULTS if cfg.is_demo else PAPER_DEFAULTS
+    for target in (method_cfg, cfg):
+        for name, value in defaults.items():
+            if hasattr(target, name) and getattr(target, name) is None:
+                setattr(target, name, value)
+
+
+def _atomic_torch_save(obj: object, path: Path) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    with open(tmp, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _quant_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The small trained tensors (A, B, m, scale, offset), by name."""
+    keys = ("lora_a", "lora_b", "magnitude", "scale", "offset")
+    return {n: p.detach().cpu().clone() for n, p in model.named_parameters() if n.rsplit(".", 1)[-1] in keys}
+
+
+def _batches(examples, cfg: TrainConfig, pad_id: int, start: int, accelerator: Accelerator) -> Iterator[dict]:
+    indices = micro_batch_indices(len(examples), cfg.micro_batch_size, cfg.seed, start,
+                                  accelerator.process_index, accelerator.num_processes)
+    for idx in indices:
+        yield {k: v.to(accelerator.device) for k, v in collate([examples[i] for i in idx], pad_id).items()}
+
+
+def train(method_cfg: dl_qat.DLQATConfig, cfg: TrainConfig) -> dict:
+    """Run DL-QAT end to end; returns (and writes) the results."""
+    resolve_defaults(method_cfg, cfg)
+    out = Path(cfg.output_dir)
+    ckpt_path = out / CHECKPOINT
+    if cfg.resume and not ckpt_path.is_file():
+        raise FileNotFoundError(f"resume=True but {ckpt_path} does not exist; start without --resume")
+    if not cfg.resume and ckpt_path.is_file():
+        raise FileExistsError(f"{ckpt_path} exists: pass --resume to continue that run, or pick another --output-dir")
+    mixed = cfg.mixed_precision
+    if mixed == "auto":
+        mixed = "bf16" if torch.cuda.is_available() else "no"
+    accelerator = Accelerator(gradient_accumulation_steps=cfg.grad_accum, mixed_precision=mixed)
+    main = accelerator.is_main_process
+    set_seed(cfg.seed)
+    out.mkdir(parents=True, exist_ok=True)
+    if main:
+        (out / "run_config.json").write_text(json.dumps({"method": "dl_qat", "method_config": method_cfg.to_dict(),
+                                                         "train_config": asdict(cfg)}, indent=2))
+
+    model, tokenizer = load_model(cfg.model)  # fp32 master weights; bf16 comes from autocast
+    model.to(accelerator.device)
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    train_source = cfg.data or str(resources.default_train_text())
+    eval_source = cfg.eval_data or str(resources.default_eval_text())
+    examples = load_examples(train_source, tokenizer, cfg.seq_len, cfg.train_on_prompt)
+    eval_ids = tokenize_text(read_text(eval_source), tokenizer)
+    log.info("train data %s: %d examples; eval text %s: %d tokens", train_source, len(examples), eval_source,
+             len(eval_ids))
+
+    ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False) if cfg.resume else None
+    results = ckpt["results"] if ckpt else {"perplexity": {}}
+
+    def evaluate(label: str) -> None:
+        if label in results["perplexity"] or not main:
+            return
+        with accelerator.autocast():
+            res = perplexity(model, eval_ids, cfg.eval_seq_len, cfg.eval_max_windows, Path(eval_source).name,
+                             progress=cfg.progress)
+        results["perplexity"][label] = res.perplexity
+        results["eval"] = res.describe()
+        log.info("perplexity %-8s %.3f  (%s)", label, res.perplexity, res.describe())
+
+    evaluate("float")
+    base_params = count_parameters(model)[1]
+    names = dl_qat.prepare(model, method_cfg)
+    evaluate("rtn")  # B = 0, m = 1, min/max scale/offset: exactly round-to-nearest
+    accelerator.wait_for_everyone()
+    if ckpt:
+        _, unexpected = model.load_state_dict(ckpt["quant_state"], strict=False)
+        if unexpected:
+            raise ValueError(f"{ckpt_path}: checkpoint holds tensors this model does not have: {unexpected[:4]}; "
+                             "was it written with other --target_modules/--clip_mode settings?")
+
+    schedule = dl_qat.phases(method_cfg)
+    trainable = {p.name: sum(t.numel() for n, t in model.named_parameters() if p.trains(n)) for p in schedule}
+    results.update(trainable_params=trainable, base_params=base_params, quantized_layers=len(names))
+    log.info("quantized %d linear layers of a %s-parameter model", len(names), f"{base_params:,}")
+    for name, count in trainable.items():
+        log.info("%s trains %s parameters (%.2f%% of the model)", name, f"{count:,}", 100 * count / base_params)
+
+    step = ckpt["step"] if ckpt else 0
+    total_steps = sum(p.steps for p in schedule)
+    batches = _batches(examples, cfg, tokenizer.pad_token_id, step * cfg.grad_accum, accelerator)
+    log_file = open(out / "train_log.jsonl", "a") if main else None
+    phase_end = 0
+    for phase in schedule:
+        phase_start, phase_end = phase_end, phase_end + phase.steps
+        if step >= phase_end:
+            continue
+        model, optimizer = _start_phase(accelerator, model, phase, cfg)
+        if ckpt and ckpt.get("phase") == phase.name:
+            optimizer.load_state_dict(ckpt["optimizer"])
+        bar = tqdm(total=phase.steps, initial=step - phase_start, desc=phase.name, disable=not (main and cfg.progress))
+        while step < phase_end:
+            t0 = time.perf_counter()
+            loss_sum, n_tokens = 0.0, 0
+            for _ in range(cfg.grad_accum):
+                batch = next(batches)
+                with accelerator.accumulate(model):
+                    loss = model(**batch).loss
+                    accelerator.backward(loss)
+                    if accelerator.sync_gradients and cfg.max_grad_norm:
+                        accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+                    optimizer.step()
+                    optimizer.zero_grad()
+                loss_sum += loss.item() / cfg.grad_accum
+                n_tokens += int(batch["attention_mask"].sum()) * accelerator.num_processes
+            if not math.isfinite(loss_sum):
+                raise FloatingPointError(f"loss became {loss_sum} at step {step + 1} ({phase.name}); "
+                                         f"the last good checkpoint is {ckpt_path} (lower --lr/--quant-lr and --resume)")
+            step += 1
+            tok_s = n_tokens / (time.perf_counter() - t0)
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss_sum:.4f}", tok_s=f"{tok_s:.0f}")
+            if log_file:
+                log_file.write(json.dumps({"step": step, "phase": phase.name, "loss": loss_sum, "lr": phase.lr,
+                                           "tokens_per_s": tok_s}) + "\n")
+                log_file.flush()
+            if step % cfg.save_every == 0 or step == total_steps:
+                _save_checkpoint(accelerator, model, optimizer, step, phase, results, ckpt_path)
+        bar.close()
+    if log_file:
+        log_file.close()
+
+    model = accelerator.unwrap_model(model)
+    if main:
+        save_file({k: v.contiguous() for k, v in _quant_state(model).items()}, out / "quant_state.safetensors")
+        layers = convert(model)
+        save_quantized(model, tokenizer, out / "quantized", layers)
+        evaluate("dlqat")
+        results["settings"] = {"n_bits": method_cfg.n_bits, "group_size": method_cfg.group_size,
+                               "rank": method_cfg.rank, "steps": total_steps}
+        write_results(results, out)
+    accelerator.wait_for_everyone()
+    return results
+
+
+def _start_phase(accelerator: Accelerator, model, phase: Phase, cfg: TrainConfig):
+    """Freeze all but the phase's parameters and (re)wrap the model: DDP fixes its set of
+    gradient-synchronised parameters when it wraps, so every phase wraps afresh."""
+    model = accelerator.unwrap_model(model)
+    selected = set_trainable(model, phase.trains)
+    if not selected:
+        raise ValueError(f"{phase.name}: no parameter to train")
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=phase.lr, weight_decay=cfg.weight_decay)
+    model.train()
+    return accelerator.prepare(model, optimizer)
+
+
+def _save_checkpoint(accelerator, model, optimizer, step, phase, results, path: Path) -> None:
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        state = {"step": step, "phase": phase.name, "quant_state": _quant_state(accelerator.unwrap_model(model)),
+                 "optimizer": optimizer.state_dict(), "results": results}
+        _atomic_torch_save(state, path)
+
+
+def write_results(results: dict, out: Path) -> None:
+    """``results.json`` and a Markdown table ``results.md``."""
+    (out / "results.json").write_text(json.dumps(results, indent=2))
+    s = results.get("settings", {})
+    lines = [f"# Perplexity (W{s.get('n_bits')} g{s.get('group_size')}, rank {s.get('rank')}, {s.get('steps')} steps)",
+             "", f"{results.get('eval', '')}", "", "| model | perplexity |", "|---|---|"]
+    lines += [f"| {k} | {v:.3f} |" for k, v in results["perplexity"].items()]
+    base = results["base_params"]
+    lines += ["", f"trainable parameters (of {base:,}):"]
+    lines += [f"- {name}: {count:,} ({100 * count / base:.2f}%)" for name, count in results["trainable_params"].items()]
+    (out / "results.md").write_text("\n".join(lines) + "\n")

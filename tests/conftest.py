@@ -1,0 +1,96 @@
+"""Shared fixtures: seeds, a tiny local tokenizer, tiny HF models built from configs (no downloads)."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import (
+    Gemma3ForCausalLM,
+    Gemma3TextConfig,
+    LlamaConfig,
+    LlamaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
+    PreTrainedTokenizerFast,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+    Qwen3Config,
+    Qwen3ForCausalLM,
+)
+
+VOCAB = 320
+CORPUS = (
+    "The quick brown fox jumps over the lazy dog. A quantized model stores integer codes and a scale "
+    "and an offset for every group of weights. Low rank adapters train a small number of parameters. "
+    "Perplexity is the exponential of the mean negative log likelihood per token. "
+) * 40
+
+TINY = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=256)
+
+
+@pytest.fixture(autouse=True)
+def seed() -> int:
+    random.seed(0)
+    torch.manual_seed(0)
+    return 0
+
+
+def make_tokenizer() -> PreTrainedTokenizerFast:
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=VOCAB, special_tokens=["<eos>", "<pad>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator([CORPUS], trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", pad_token="<pad>")
+
+
+ARCHS = {
+    "llama": lambda: LlamaForCausalLM(LlamaConfig(**TINY)),
+    "qwen2": lambda: Qwen2ForCausalLM(Qwen2Config(**TINY)),
+    "qwen3": lambda: Qwen3ForCausalLM(Qwen3Config(**TINY, head_dim=16)),
+    "mistral": lambda: MistralForCausalLM(MistralConfig(**TINY)),
+    "gemma3": lambda: Gemma3ForCausalLM(Gemma3TextConfig(**TINY, head_dim=16, sliding_window=64)),
+}
+
+
+def tiny_model(arch: str = "llama") -> torch.nn.Module:
+    return ARCHS[arch]().eval()
+
+
+@pytest.fixture(scope="session")
+def tokenizer() -> PreTrainedTokenizerFast:
+    return make_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, tokenizer) -> Path:
+    """A tiny Llama with tied embeddings and its tokenizer, saved as an ordinary HF folder."""
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("tiny-llama")
+    model = LlamaForCausalLM(LlamaConfig(**TINY, tie_word_embeddings=True))
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def text_file(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("data") / "train.txt"
+    path.write_text(CORPUS)
+    return path
+
+
+@pytest.fixture()
+def alpaca_file(tmp_path) -> Path:
+    records = [{"instruction": "Name a color.", "input": "", "output": "Blue."},
+               {"instruction": "Add the numbers.", "input": "2 and 3", "output": "5"}] * 4
+    path = tmp_path / "alpaca.json"
+    path.write_text(json.dumps(records))
+    return path

@@ -1,0 +1,87 @@
+"""QuantLoRALinear and QuantizedLinear against plain references."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dlqat.layers import ClipMode, QuantizedLinear, QuantLoRALinear
+from dlqat.quant import dequantize, minmax_scale_offset, quantize
+
+
+def make(linear, **kw):
+    args = dict(n_bits=4, group_size=32, rank=4, alpha=8.0)
+    args.update(kw)
+    return QuantLoRALinear.from_linear(linear, **args)
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_quantization_off_and_magnitude_off_equals_linear(bias):
+    linear = nn.Linear(64, 24, bias=bias)
+    layer = make(linear, use_magnitude=False)
+    layer.quantize_enabled = False
+    x = torch.randn(5, 64)
+    torch.testing.assert_close(layer(x), linear(x), atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("n_bits,group_size", [(2, 32), (3, 64), (4, 32), (4, -1), (3, 48)])
+def test_at_init_equals_round_to_nearest(n_bits, group_size):
+    linear = nn.Linear(96, 16)
+    layer = make(linear, n_bits=n_bits, group_size=group_size)
+    scale, offset = minmax_scale_offset(linear.weight, n_bits, group_size)
+    w_rtn = dequantize(quantize(linear.weight, scale, offset, n_bits, group_size), scale, offset, group_size)
+    x = torch.randn(3, 96)
+    torch.testing.assert_close(layer(x), F.linear(x, w_rtn, linear.bias), atol=0, rtol=0)
+
+
+def test_forward_matches_reference_formula_after_training_like_changes():
+    linear = nn.Linear(64, 32, bias=False)
+    layer = make(linear)
+    with torch.no_grad():
+        layer.lora_b.normal_(0, 0.05)
+        layer.magnitude.uniform_(0.8, 1.2)
+        layer.scale.mul_(0.9)
+    merged = linear.weight + (8.0 / 4) * layer.lora_b @ layer.lora_a
+    q = quantize(merged, layer.scale, layer.offset, 4, 32)
+    m = layer.magnitude.repeat_interleave(32, 1)
+    w_ref = m * dequantize(q, layer.scale, layer.offset, 32)
+    x = torch.randn(7, 64)
+    torch.testing.assert_close(layer(x), x @ w_ref.T)
+
+
+def test_shares_frozen_weight_and_works_on_meta():
+    linear = nn.Linear(64, 32)
+    layer = make(linear)
+    assert layer.weight is linear.weight and not layer.weight.requires_grad
+    assert layer.lora_a.shape == (4, 64) and layer.lora_b.shape == (32, 4) and not layer.lora_b.any()
+    with torch.device("meta"):
+        meta = make(nn.Linear(576, 192), group_size=128)
+    assert meta.scale.shape == (192, 5) and meta.scale.device.type == "meta"
+
+
+def test_dynamic_mode_has_no_scale_parameters_and_tracks_merged_weight():
+    linear = nn.Linear(64, 16, bias=False)
+    layer = make(linear, clip_mode=ClipMode.DYNAMIC)
+    assert layer.scale is None and {n for n, _ in layer.named_parameters()} == {"weight", "lora_a", "lora_b", "magnitude"}
+    with torch.no_grad():
+        layer.lora_b.normal_()
+    merged = layer.merged_weight()
+    scale, offset = minmax_scale_offset(merged, 4, 32)
+    w_ref = dequantize(quantize(merged, scale, offset, 4, 32), scale, offset, 32)
+    torch.testing.assert_close(layer.quantized_weight(), w_ref, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("clip_mode", list(ClipMode))
+@pytest.mark.parametrize("use_magnitude", [True, False])
+def test_codes_reproduce_forward_exactly(clip_mode, use_magnitude):
+    linear = nn.Linear(96, 24, bias=True)
+    layer = make(linear, group_size=64, clip_mode=clip_mode, use_magnitude=use_magnitude)
+    with torch.no_grad():
+        layer.lora_b.normal_(0, 0.05)
+        if use_magnitude:
+            layer.magnitude.uniform_(0.8, 1.2)
+    q, scale, offset = layer.to_codes()
+    assert q.dtype == torch.int8 and q.shape == (24, 96) and scale.shape == (24, 2)
+    runtime = QuantizedLinear.from_codes(q, scale, offset, 4, 64, linear.bias)
+    x = torch.randn(4, 96)
+    torch.testing.assert_close(runtime(x), layer(x), atol=0, rtol=0)

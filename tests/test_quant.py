@@ -1,0 +1,142 @@
+"""The quantizer against a plain per-group reference, and its gradients."""
+
+import pytest
+import torch
+
+from dlqat.quant import apply_magnitude, code_range, dequantize, fake_quantize, minmax_scale_offset, quantize
+from dlqat.quant.primitives import SCALE_EPS, n_groups, to_groups
+
+SHAPES = [(8, 64, 32), (8, 64, 64), (6, 96, 64), (5, 72, -1), (4, 576, 128), (3, 40, 16)]
+
+
+def reference(w, n_bits, group_size):
+    """Loop over rows and groups with Python arithmetic: the paper's formulas written out."""
+    out_f, in_f = w.shape
+    g = in_f if group_size == -1 else group_size
+    lo, hi = -(2 ** (n_bits - 1)), 2 ** (n_bits - 1) - 1
+    q = torch.empty_like(w)
+    scale = torch.empty(out_f, -(-in_f // g), dtype=w.dtype)
+    offset = torch.empty_like(scale)
+    for r in range(out_f):
+        for j, c in enumerate(range(0, in_f, g)):
+            grp = w[r, c : c + g]
+            mx, mn = grp.max(), grp.min()
+            s = max((mx - mn) / (2**n_bits - 1), torch.tensor(SCALE_EPS, dtype=w.dtype))
+            b = (2 ** (n_bits - 1) * mx + (2 ** (n_bits - 1) - 1) * mn) / (2**n_bits - 1)
+            scale[r, j], offset[r, j] = s, b
+            q[r, c : c + g] = torch.clamp(torch.round((grp - b) / s), lo, hi)
+    return q, scale, offset
+
+
+@pytest.mark.parametrize("n_bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("shape", SHAPES)
+def test_quantize_matches_reference_exactly(n_bits, shape):
+    out_f, in_f, g = shape
+    w = torch.randn(out_f, in_f)
+    q_ref, s_ref, b_ref = reference(w, n_bits, g)
+    scale, offset = minmax_scale_offset(w, n_bits, g)
+    torch.testing.assert_close(scale, s_ref, atol=0, rtol=0)
+    torch.testing.assert_close(offset, b_ref, atol=0, rtol=0)
+    q = quantize(w, scale, offset, n_bits, g)
+    torch.testing.assert_close(q, q_ref, atol=0, rtol=0)
+    lo, hi = code_range(n_bits)
+    assert q.min() >= lo and q.max() <= hi
+
+
+@pytest.mark.parametrize("n_bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("shape", SHAPES)
+def test_minmax_init_maps_max_and_min_to_range_ends(n_bits, shape):
+    out_f, in_f, g = shape
+    w = torch.randn(out_f, in_f, dtype=torch.float64)
+    scale, offset = minmax_scale_offset(w, n_bits, g)
+    q = to_groups(quantize(w, scale, offset, n_bits, g), g)
+    wg = to_groups(w, g)
+    lo, hi = code_range(n_bits)
+    q_at_max = q.gather(-1, wg.argmax(-1, keepdim=True))
+    q_at_min = q.gather(-1, wg.argmin(-1, keepdim=True))
+    assert (q_at_max == hi).all() and (q_at_min == lo).all()
+    # and the extremes come back exactly (up to float rounding) after dequantization
+    w_dq = to_groups(dequantize(quantize(w, scale, offset, n_bits, g), scale, offset, g), g)
+    torch.testing.assert_close(w_dq.amax(-1), wg.amax(-1))
+    torch.testing.assert_close(w_dq.amin(-1), wg.amin(-1))
+
+
+def test_ragged_last_group_uses_only_its_own_columns():
+    w = torch.randn(3, 96)
+    w[:, 64:] *= 100  # the short last group (32 columns) has a much larger range
+    scale, _ = minmax_scale_offset(w, 4, 64)
+    assert scale.shape == (3, 2) and n_groups(96, 64) == 2
+    torch.testing.assert_close(scale[:, 1], (w[:, 64:].amax(1) - w[:, 64:].amin(1)) / 15, atol=0, rtol=0)
+    torch.testing.assert_close(scale[:, 0], (w[:, :64].amax(1) - w[:, :64].amin(1)) / 15, atol=0, rtol=0)
+
+
+def test_constant_group_is_reproduced():
+    w = torch.full((2, 32), 0.25)
+    scale, offset = minmax_scale_offset(w, 3, 32)
+    torch.testing.assert_close(fake_quantize(w, scale, offset, 3, 32), w)
+
+
+def test_ste_weight_gradient_is_identity_inside_and_zero_outside():
+    w = torch.randn(4, 32, dtype=torch.float64)
+    scale, offset = minmax_scale_offset(w, 3, 32)
+    scale = scale * 0.5  # shrink the range: about half the weights fall outside the clip range
+    w.requires_grad_(True)
+    fake_quantize(w, scale, offset, 3, 32).sum().backward()
+    u = (w.detach() - offset) / scale
+    lo, hi = code_range(3)
+    inside = (torch.round(u) >= lo) & (torch.round(u) <= hi)
+    assert 0 < inside.sum() < inside.numel()
+    torch.testing.assert_close(w.grad, inside.double(), atol=0, rtol=0)
+
+
+def test_scale_offset_gradients_are_lsq():
+    """ds = sum g*(round(u) - u) inside, g*clip value outside; db = sum g*0 inside, g outside."""
+    torch.manual_seed(1)
+    w = torch.randn(4, 64, dtype=torch.float64)
+    s0, b0 = minmax_scale_offset(w, 4, 32)
+    scale = (s0 * 0.6).requires_grad_(True)
+    offset = b0.clone().requires_grad_(True)
+    upstream = torch.randn_like(w)
+    (fake_quantize(w, scale, offset, 4, 32) * upstream).sum().backward()
+    lo, hi = code_range(4)
+    u = to_groups((w - b0.repeat_interleave(32, 1)) / (s0 * 0.6).repeat_interleave(32, 1), 32)
+    r = torch.round(u)
+    inside = (r >= lo) & (r <= hi)
+    g = to_groups(upstream, 32)
+    ds = torch.where(inside, g * (r - u), g * r.clamp(lo, hi)).sum(-1)
+    db = torch.where(inside, torch.zeros_like(g), g).sum(-1)
+    torch.testing.assert_close(scale.grad, ds)
+    torch.testing.assert_close(offset.grad, db)
+
+
+def test_gradcheck_magnitude_and_dequantize():
+    """The smooth parts (given the codes) are checked numerically in float64."""
+    w = torch.randn(3, 48, dtype=torch.float64)
+    scale, offset = minmax_scale_offset(w, 3, 16)
+    m = torch.rand_like(scale).add(0.5).requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda mag: fake_quantize(w, scale, offset, 3, 16, mag), (m,))
+    q = quantize(w, scale, offset, 3, 16)
+    s, b = scale.clone().requires_grad_(True), offset.clone().requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda s_, b_: dequantize(q, s_, b_, 16), (s, b))
+
+
+def test_magnitude_folds_into_scale_and_offset():
+    w = torch.randn(4, 64)
+    scale, offset = minmax_scale_offset(w, 4, 32)
+    m = torch.rand_like(scale) + 0.5
+    s_eff, b_eff = apply_magnitude(scale, offset, m)
+    q = quantize(w, scale, offset, 4, 32)
+    torch.testing.assert_close(fake_quantize(w, scale, offset, 4, 32, m), dequantize(q, s_eff, b_eff, 32), atol=0, rtol=0)
+    torch.testing.assert_close(dequantize(q, s_eff, b_eff, 32), m.repeat_interleave(32, 1) * dequantize(q, scale, offset, 32))
+
+
+@pytest.mark.parametrize("bad", [1, 9, 3.5])
+def test_bad_bits_named_in_error(bad):
+    with pytest.raises(ValueError, match="n_bits"):
+        code_range(bad)
+
+
+@pytest.mark.parametrize("bad", [0, -2])
+def test_bad_group_size_named_in_error(bad):
+    with pytest.raises(ValueError, match="group_size"):
+        minmax_scale_offset(torch.randn(2, 8), 4, bad)

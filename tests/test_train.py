@@ -1,0 +1,116 @@
+"""The training loop on a tiny local Llama: the loss falls, a killed run resumes exactly, the CLI works."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from accelerate.state import AcceleratorState, GradientState
+from safetensors.torch import load_file
+
+import dlqat.train as train_mod
+from dlqat.cli import main
+from dlqat.methods.dl_qat import DLQATConfig
+from dlqat.train import TrainConfig, train
+
+
+@pytest.fixture(autouse=True)
+def fresh_accelerate_state():
+    """Each run builds its own Accelerator; accelerate keeps process-wide state between them."""
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    yield
+
+
+def configs(tiny_model_dir, text_file, out, **overrides):
+    method = dict(n_bits=3, group_size=32, rank=4, phase1_steps=3, phase2_steps=12, lr=1e-2, quant_lr=1e-3)
+    run = dict(model=str(tiny_model_dir), data=str(text_file), eval_data=str(text_file), output_dir=str(out),
+               seq_len=32, grad_accum=2, micro_batch_size=2, eval_seq_len=32, eval_max_windows=8, save_every=4,
+               progress=False)
+    for key, value in overrides.items():
+        (method if key in method else run)[key] = value
+    return DLQATConfig(**method), TrainConfig(**run)
+
+
+def test_training_lowers_loss_and_writes_the_run(tiny_model_dir, text_file, tmp_path):
+    results = train(*configs(tiny_model_dir, text_file, tmp_path / "run"))
+    ppl = results["perplexity"]
+    assert ppl["dlqat"] < 0.8 * ppl["rtn"], ppl
+    log = [json.loads(line) for line in (tmp_path / "run" / "train_log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == list(range(1, 16))
+    phase2 = [r["loss"] for r in log if r["phase"].startswith("phase2")]
+    assert sum(phase2[-3:]) < sum(phase2[:3])
+    for name in ("run_config.json", "results.json", "results.md", "quant_state.safetensors", "checkpoint.pt",
+                 "quantized/model.safetensors", "quantized/dlqat_quant.json"):
+        assert (tmp_path / "run" / name).is_file(), name
+    assert "| dlqat |" in (tmp_path / "run" / "results.md").read_text()
+
+
+class Killed(Exception):
+    pass
+
+
+def test_killed_run_resumes_to_the_same_result(tiny_model_dir, text_file, tmp_path, monkeypatch):
+    train(*configs(tiny_model_dir, text_file, tmp_path / "straight"))
+
+    real_save = train_mod._save_checkpoint
+
+    def save_then_die(accelerator, model, optimizer, step, phase, results, path):
+        real_save(accelerator, model, optimizer, step, phase, results, path)
+        if step == 8:  # inside phase 2, with optimizer state to restore
+            raise Killed
+
+    monkeypatch.setattr(train_mod, "_save_checkpoint", save_then_die)
+    with pytest.raises(Killed):
+        train(*configs(tiny_model_dir, text_file, tmp_path / "killed"))
+    monkeypatch.undo()
+    assert torch.load(tmp_path / "killed" / "checkpoint.pt", weights_only=False)["step"] == 8
+    with pytest.raises(FileExistsError, match="--resume"):
+        train(*configs(tiny_model_dir, text_file, tmp_path / "killed"))
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    train(*configs(tiny_model_dir, text_file, tmp_path / "killed", resume=True))
+    straight = load_file(tmp_path / "straight" / "quant_state.safetensors")
+    resumed = load_file(tmp_path / "killed" / "quant_state.safetensors")
+    assert straight.keys() == resumed.keys()
+    for key in straight:
+        torch.testing.assert_close(resumed[key], straight[key], atol=0, rtol=0, msg=key)
+
+
+def test_cli_train_then_eval_reproduces_the_reported_perplexity(tiny_model_dir, text_file, tmp_path, capsys):
+    out = tmp_path / "cli"
+    rc = main(["train", "--model", str(tiny_model_dir), "--data", str(text_file), "--eval_data", str(text_file),
+               "--output_dir", str(out), "--n_bits", "4", "--group_size", "32", "--rank", "2", "--phase1_steps", "1",
+               "--phase2_steps", "2", "--seq_len", "32", "--grad_accum", "1", "--eval_seq_len", "32",
+               "--eval_max_windows", "4", "--no_progress"])
+    assert rc == 0 and "| dlqat |" in capsys.readouterr().out
+    reported = json.loads((out / "results.json").read_text())["perplexity"]["dlqat"]
+    assert main(["eval", str(out), "--eval-data", str(text_file), "--seq-len", "32", "--max-windows", "4",
+                 "--output", str(tmp_path / "e.json")]) == 0
+    assert json.loads((tmp_path / "e.json").read_text())["perplexity"] == reported
+    # RTN of the float model through `dlqat eval` equals the run's RTN row
+    assert main(["eval", str(tiny_model_dir), "--rtn-bits", "4", "--group-size", "32", "--eval-data", str(text_file),
+                 "--seq-len", "32", "--max-windows", "4", "--output", str(tmp_path / "r.json")]) == 0
+    rtn = json.loads((out / "results.json").read_text())["perplexity"]["rtn"]
+    assert json.loads((tmp_path / "r.json").read_text())["perplexity"] == pytest.approx(rtn, rel=1e-6)
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["train", "--n_bits", "9"], "n_bits=9"),
+    (["train", "--clip_mode", "never"], "clip_mode='never'"),
+    (["train", "--grad_accum", "0"], "grad_accum=0"),
+    (["train", "--model", "/nonexistent/model.gguf"], "model='/nonexistent/model.gguf'"),
+    (["eval", "/nonexistent/run", "--eval-data", "/nonexistent/x.txt", "--rtn-bits", "4"], "nonexistent"),
+])
+def test_cli_errors_name_the_field_and_value(argv, needle, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert main(argv) == 2
+    assert needle in capsys.readouterr().err
+
+
+def test_python_dash_m_entry_point():
+    done = subprocess.run([sys.executable, "-m", "dlqat", "train", "--help"], capture_output=True, text=True,
+                          env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    assert done.returncode == 0 and "--group_size" in done.stdout
