@@ -68,13 +68,60 @@ def _eval(argv: list[str]) -> int:
     return 0
 
 
-COMMANDS = {"train": _train, "eval": _eval}
+def _export(argv: list[str]) -> int:
+    from dlqat.export.formats import DTYPES, FORMATS, export
+
+    parser = argparse.ArgumentParser(prog="dlqat export", description="Write a trained run as a low-bit model file.")
+    parser.add_argument("run", help="run folder (or its quantized/ folder)")
+    parser.add_argument("--format", choices=FORMATS, default="dlqat")
+    parser.add_argument("--out", required=True, help="output folder (dlqat) or file (gguf)")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="bf16", help="dlqat format: non-quantized tensors")
+    parser.add_argument("--template", default=None, help="gguf format: GGUF of the base model for metadata")
+    args = parser.parse_args(argv)
+    path = export(args.run, args.format, args.out, args.dtype, args.template)
+    size = sum(f.stat().st_size for f in ([path] if path.is_file() else path.rglob("*")) if f.is_file())
+    print(f"wrote {path} ({size / 2**20:.1f} MiB)")
+    return 0
+
+
+def _generate(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="dlqat generate", description="Greedy text generation, streamed.")
+    parser.add_argument("path", help="run folder, quantized/ folder or exported dlqat folder")
+    parser.add_argument("--prompt", required=True)
+    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--backend", choices=["auto", "dequant", "int4"], default="auto",
+                        help="int4 kernels for decoding, float unpacking for prefill (auto)")
+    parser.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")
+    args = parser.parse_args(argv)
+
+    import torch
+    from transformers import TextStreamer
+
+    from dlqat.export import load_quantized
+    from dlqat.export.formats import quantized_dir
+    from dlqat.layers.quantized_linear import set_backend
+
+    model, tokenizer = load_quantized(quantized_dir(args.path), dtype=torch.float32)
+    set_backend(model, args.backend)
+    if args.chat:
+        ids = tokenizer.apply_chat_template([{"role": "user", "content": args.prompt}], add_generation_prompt=True,
+                                            return_tensors="pt", return_dict=True)["input_ids"]
+    else:
+        ids = tokenizer(args.prompt, return_tensors="pt")["input_ids"]
+    streamer = TextStreamer(tokenizer, skip_prompt=False, skip_special_tokens=True)
+    with torch.no_grad():
+        model.generate(ids, max_new_tokens=args.max_new_tokens, do_sample=False, streamer=streamer,
+                       pad_token_id=tokenizer.pad_token_id)
+    return 0
+
+
+COMMANDS = {"train": _train, "eval": _eval, "export": _export, "generate": _generate}
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] not in COMMANDS:
-        print("usage: dlqat {train,eval} [options]   (dlqat COMMAND --help for details)", file=sys.stderr)
+        print("usage: dlqat {train,eval,export,generate} [options]   (dlqat COMMAND --help for details)", file=sys.stderr)
         return 0 if argv and argv[0] in ("-h", "--help") else 2
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     for noisy in ("transformers", "accelerate", "httpx"):

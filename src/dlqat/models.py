@@ -67,6 +67,13 @@ def resolve_model_path(spec: str | None) -> str:
     return spec
 
 
+def source_gguf(spec: str | None) -> str | None:
+    """The GGUF file a model spec comes from, if any (the template for GGUF export)."""
+    if spec is None:
+        return str(default_gguf())
+    return str(Path(spec).resolve()) if spec.endswith(".gguf") else None
+
+
 def load_model(
     spec: str | None, dtype: torch.dtype = torch.float32
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:

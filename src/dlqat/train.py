@@ -27,7 +27,7 @@ from dlqat.eval.perplexity import perplexity
 from dlqat.export import convert, save_quantized
 from dlqat.methods import dl_qat
 from dlqat.methods.base import Phase, count_parameters, set_trainable
-from dlqat.models import load_model
+from dlqat.models import load_model, source_gguf
 
 log = logging.getLogger(__name__)
 
@@ -226,7 +226,7 @@ def train(method_cfg: dl_qat.DLQATConfig, cfg: TrainConfig) -> dict:
     if main:
         save_file({k: v.contiguous() for k, v in _quant_state(model).items()}, out / "quant_state.safetensors")
         layers = convert(model)
-        save_quantized(model, tokenizer, out / "quantized", layers)
+        save_quantized(model, tokenizer, out / "quantized", layers, source_gguf=source_gguf(cfg.model))
         evaluate("dlqat")
         results["settings"] = {"n_bits": method_cfg.n_bits, "group_size": method_cfg.group_size,
                                "rank": method_cfg.rank, "steps": total_steps}

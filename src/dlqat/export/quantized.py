@@ -4,8 +4,13 @@ Folder layout (``save_quantized``):
     config.json, tokenizer files   the base model's, unchanged (so transformers can rebuild it)
     dlqat_quant.json               {"format": ..., "layers": {dotted_name: {"n_bits", "group_size"}}}
     model.safetensors              every tensor of the model; each quantized linear ``NAME`` stores
-                                   ``NAME.qweight`` (int8 signed codes, (out, in)), ``NAME.scale``
-                                   and ``NAME.offset`` ((out, n_groups)), so ``W = scale*q + offset``.
+                                   ``NAME.packed`` (uint8 bit-packed signed codes, layout in
+                                   ``dlqat.quant.bitpack``), ``NAME.scale`` and ``NAME.offset``
+                                   ((out, n_groups), float32), so ``W = scale*q + offset`` per group.
+
+The other tensors (embeddings, norms, head) keep the model's dtype, or ``dtype`` when exporting
+(bf16/fp16 makes the file small; the quantized layers' scales/offsets stay float32, so those layers
+stay exact).
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTra
 from dlqat.layers import QuantizedLinear, QuantLoRALinear
 from dlqat.surgery import replace_linears
 
-FORMAT = "dlqat-int8-codes-v1"
+FORMAT = "dlqat-packed-v1"
 QUANT_FILE = "dlqat_quant.json"
 WEIGHTS_FILE = "model.safetensors"
 
@@ -53,20 +58,41 @@ def convert(model: nn.Module) -> dict[str, dict]:
     return layers
 
 
-def _unique_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """State dict without tied duplicates (safetensors refuses shared storage)."""
+def quantized_layers(model: nn.Module) -> dict[str, dict]:
+    """``{name: {"n_bits", "group_size"}}`` of a converted model's ``QuantizedLinear`` layers."""
+    return {n: {"n_bits": m.n_bits, "group_size": m.group_size} for n, m in model.named_modules()
+            if isinstance(m, QuantizedLinear)}
+
+
+def _unique_state_dict(model: nn.Module, dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
+    """State dict without tied duplicates (safetensors refuses shared storage); floats outside the
+    quantized layers cast to ``dtype`` when given."""
+    keep_exact = {f"{name}.{buf}" for name in quantized_layers(model) for buf in ("scale", "offset")}
     seen, state = set(), {}
     for name, tensor in model.state_dict().items():
         key = (tensor.data_ptr(), tensor.shape, tensor.dtype)
         if key in seen:
             continue
         seen.add(key)
+        if dtype is not None and tensor.is_floating_point() and name not in keep_exact:
+            tensor = tensor.to(dtype)
         state[name] = tensor.detach().contiguous().cpu()
     return state
 
 
-def save_quantized(model: PreTrainedModel, tokenizer, out_dir: str | Path, layers: dict[str, dict]) -> Path:
-    """Write a converted model atomically (to a temp folder, then renamed into place)."""
+def save_quantized(
+    model: PreTrainedModel,
+    tokenizer,
+    out_dir: str | Path,
+    layers: dict[str, dict] | None = None,
+    dtype: torch.dtype | None = None,
+    source_gguf: str | None = None,
+) -> Path:
+    """Write a converted model atomically (to a temp folder, then renamed into place).
+
+    ``source_gguf`` records the GGUF the base model came from, the template for a later GGUF export.
+    """
+    layers = quantized_layers(model) if layers is None else layers
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.tmp-"))
@@ -74,8 +100,8 @@ def save_quantized(model: PreTrainedModel, tokenizer, out_dir: str | Path, layer
         model.config.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        (tmp / QUANT_FILE).write_text(json.dumps({"format": FORMAT, "layers": layers}, indent=2))
-        save_file(_unique_state_dict(model), tmp / WEIGHTS_FILE, metadata={"format": FORMAT})
+        (tmp / QUANT_FILE).write_text(json.dumps({"format": FORMAT, "source_gguf": source_gguf, "layers": layers}, indent=2))
+        save_file(_unique_state_dict(model, dtype), tmp / WEIGHTS_FILE, metadata={"format": FORMAT})
         if out_dir.exists():
             shutil.rmtree(out_dir)
         os.replace(tmp, out_dir)
@@ -84,15 +110,25 @@ def save_quantized(model: PreTrainedModel, tokenizer, out_dir: str | Path, layer
     return out_dir
 
 
-def load_quantized(path: str | Path, device: str | torch.device = "cpu") -> tuple[PreTrainedModel, object]:
-    """Rebuild a model saved by ``save_quantized``; its quantized linears run from the codes."""
-    path = Path(path)
-    quant_file = path / QUANT_FILE
+def read_quant_meta(path: str | Path) -> dict:
+    quant_file = Path(path) / QUANT_FILE
     if not quant_file.is_file():
         raise FileNotFoundError(f"{quant_file}: not found; expected a folder written by `dlqat train` or save_quantized()")
     meta = json.loads(quant_file.read_text())
     if meta.get("format") != FORMAT:
         raise ValueError(f"{quant_file}: format {meta.get('format')!r} is not {FORMAT!r}")
+    return meta
+
+
+def load_quantized(
+    path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None
+) -> tuple[PreTrainedModel, object]:
+    """Rebuild a model saved by ``save_quantized``; its quantized linears run from the packed codes.
+
+    ``dtype`` casts the non-quantized float tensors (e.g. a bf16 export computed in fp32 on a CPU).
+    """
+    path = Path(path)
+    meta = read_quant_meta(path)
     config = AutoConfig.from_pretrained(path)
     state = load_file(path / WEIGHTS_FILE)
     with init_empty_weights():  # parameters on meta; buffers (rotary tables) built for real
@@ -112,5 +148,9 @@ def load_quantized(path: str | Path, device: str | torch.device = "cpu") -> tupl
     still_meta = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.device.type == "meta"]
     if still_meta:
         raise ValueError(f"{path / WEIGHTS_FILE}: tensors missing: {still_meta[:8]}")
+    if dtype is not None:
+        for name, tensor in list(model.named_parameters()) + list(model.named_buffers()):
+            if tensor.is_floating_point() and not name.endswith((".scale", ".offset")):
+                tensor.data = tensor.data.to(dtype)
     tokenizer = AutoTokenizer.from_pretrained(path) if (path / "tokenizer_config.json").is_file() else None
     return model.to(device).eval(), tokenizer

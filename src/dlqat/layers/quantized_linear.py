@@ -1,4 +1,4 @@
-"""Runtime linear for a finished low-bit weight ``W = scale * q + offset`` (per group)."""
+"""Runtime linear for a finished low-bit weight ``W = scale * q + offset`` (per group), stored packed."""
 
 from __future__ import annotations
 
@@ -6,14 +6,26 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dlqat.quant import dequantize, n_groups
+from dlqat.layers.int4_kernels import Int4Weight, int4_linear, int4_supported, to_int4_weight
+from dlqat.quant import dequantize, n_groups, resolve_group_size
+from dlqat.quant.bitpack import pack_codes, packed_width, unpack_codes
+
+BACKENDS = ("auto", "dequant", "int4")
 
 
 class QuantizedLinear(nn.Module):
-    """Holds integer codes and per-group scale/offset as buffers; no trainable state.
+    """Packed codes and per-group scale/offset as buffers; no trainable state.
 
-    Buffers: ``qweight`` int8 ``(out, in)`` signed codes, ``scale``/``offset`` ``(out, n_groups)``.
+    Buffers: ``packed`` uint8 ``(out, ceil(in/8) * n_bits)`` (layout: ``dlqat.quant.bitpack``),
+    ``scale``/``offset`` ``(out, n_groups)``, optional ``bias``.
+
+    Compute paths (``backend``): ``dequant`` unpacks to a float weight and runs a normal matmul (exact
+    w.r.t. the fake-quantized training model; the faster choice for prefill); ``int4`` runs PyTorch's
+    int4 kernels (bf16; the fast choice for decoding); ``auto`` uses ``int4`` for at most
+    ``int4_max_tokens`` rows where the kernel takes the shape, else ``dequant``.
     """
+
+    int4_max_tokens = 8
 
     def __init__(
         self,
@@ -28,8 +40,11 @@ class QuantizedLinear(nn.Module):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
         self.n_bits, self.group_size = n_bits, group_size
+        self.backend = "dequant"
+        self._int4: Int4Weight | None = None
         groups = (out_features, n_groups(in_features, group_size))
-        self.register_buffer("qweight", torch.zeros(out_features, in_features, dtype=torch.int8, device=device))
+        width = packed_width(in_features, n_bits)
+        self.register_buffer("packed", torch.zeros(out_features, width, dtype=torch.uint8, device=device))
         self.register_buffer("scale", torch.ones(groups, dtype=dtype, device=device))
         self.register_buffer("offset", torch.zeros(groups, dtype=dtype, device=device))
         self.register_buffer("bias", torch.zeros(out_features, dtype=dtype, device=device) if bias else None)
@@ -45,16 +60,50 @@ class QuantizedLinear(nn.Module):
         bias: torch.Tensor | None = None,
     ) -> "QuantizedLinear":
         layer = cls(q.shape[1], q.shape[0], n_bits, group_size, bias is not None, scale.dtype, "meta")
-        layer.qweight, layer.scale, layer.offset = q.to(torch.int8), scale.detach(), offset.detach()
+        layer.packed, layer.scale, layer.offset = pack_codes(q, n_bits), scale.detach(), offset.detach()
         layer.bias = None if bias is None else bias.detach()
         return layer
 
+    def codes(self) -> torch.Tensor:
+        """Signed int8 codes ``(out, in)``."""
+        return unpack_codes(self.packed, self.n_bits, self.in_features)
+
     def dequantized_weight(self) -> torch.Tensor:
-        return dequantize(self.qweight.to(self.scale.dtype), self.scale, self.offset, self.group_size)
+        return dequantize(self.codes().to(self.scale.dtype), self.scale, self.offset, self.group_size)
+
+    def set_backend(self, backend: str) -> None:
+        if backend not in BACKENDS:
+            raise ValueError(f"backend={backend!r}: expected one of {BACKENDS}")
+        if backend == "int4" and not self.int4_ok():
+            raise ValueError(f"backend='int4' cannot take this layer ({self.extra_repr()}, {self.packed.device}): "
+                             f"needs n_bits <= 4, group_size in 32/64/128/256, out_features % 16 == 0")
+        self.backend, self._int4 = backend, None
+
+    def int4_ok(self) -> bool:
+        g = resolve_group_size(self.group_size, self.in_features)
+        return int4_supported(self.out_features, g, self.n_bits, self.packed.device)
+
+    def _int4_weight(self) -> Int4Weight:
+        if self._int4 is None or self._int4.packed.device != self.packed.device:
+            g = resolve_group_size(self.group_size, self.in_features)
+            self._int4 = to_int4_weight(self.codes(), self.scale, self.offset, g)
+        return self._int4
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.numel() // x.shape[-1]
+        if self.backend == "int4" or (self.backend == "auto" and rows <= self.int4_max_tokens and self.int4_ok()):
+            return int4_linear(x, self._int4_weight(), self.bias)
         bias = None if self.bias is None else self.bias.to(x.dtype)
         return F.linear(x, self.dequantized_weight().to(x.dtype), bias)
 
     def extra_repr(self) -> str:
-        return f"in={self.in_features}, out={self.out_features}, n_bits={self.n_bits}, group_size={self.group_size}"
+        return (f"in={self.in_features}, out={self.out_features}, n_bits={self.n_bits}, "
+                f"group_size={self.group_size}, backend={self.backend}")
+
+
+def set_backend(model: nn.Module, backend: str) -> int:
+    """Set the compute path of every ``QuantizedLinear`` (``auto`` skips layers int4 cannot take)."""
+    layers = [m for m in model.modules() if isinstance(m, QuantizedLinear)]
+    for layer in layers:
+        layer.set_backend("dequant" if backend == "int4" and not layer.int4_ok() else backend)
+    return len(layers)
