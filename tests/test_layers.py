@@ -85,3 +85,26 @@ def test_codes_reproduce_forward_exactly(clip_mode, use_magnitude):
     runtime = QuantizedLinear.from_codes(q, scale, offset, 4, 64, linear.bias)
     x = torch.randn(4, 96)
     torch.testing.assert_close(runtime(x), layer(x), atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("clip_mode", list(ClipMode))
+def test_lean_and_autograd_paths_agree(clip_mode):
+    torch.manual_seed(0)
+    linear = nn.Linear(96, 32, bias=True).double()
+    layer = make(linear, n_bits=3, group_size=64, clip_mode=clip_mode)
+    with torch.no_grad():
+        layer.lora_b.normal_(0, 0.05)
+        layer.magnitude.uniform_(0.8, 1.2)
+        if layer.scale is not None:
+            layer.scale.mul_(0.8)
+    x = torch.randn(3, 96, dtype=torch.float64)
+    params = [p for p in layer.parameters() if p.requires_grad]
+    results = []
+    for lean in (True, False):
+        layer.lean = lean
+        y = layer(x)
+        results.append((y, torch.autograd.grad((y * torch.arange(32.0, dtype=torch.float64)).sum(), params)))
+    (y_lean, g_lean), (y_ref, g_ref) = results
+    torch.testing.assert_close(y_lean, y_ref, atol=0, rtol=0)
+    for a, b in zip(g_lean, g_ref):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)

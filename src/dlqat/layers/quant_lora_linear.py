@@ -13,6 +13,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from dlqat.quant import apply_magnitude, fake_quantize, minmax_scale_offset, n_groups, quantize
+from dlqat.quant.lean_linear import lean_qlora_linear
+
+
+LEAN_DEFAULT = True
 
 
 class ClipMode(str, Enum):
@@ -49,6 +53,8 @@ class QuantLoRALinear(nn.Module):
         self.rank, self.alpha, self.scaling = rank, alpha, alpha / rank
         self.clip_mode = ClipMode(clip_mode)
         self.quantize_enabled = True
+        # Lean: save only x and small tensors for backward (same outputs and gradients as autograd).
+        self.lean = LEAN_DEFAULT
         weight.requires_grad_(False)
         self.weight, self.bias = weight, bias  # shared with the source linear, not copied
         if bias is not None:
@@ -94,6 +100,14 @@ class QuantLoRALinear(nn.Module):
         return fake_quantize(merged, scale, offset, self.n_bits, self.group_size, self.magnitude)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.lean and self.quantize_enabled:
+            if self.clip_mode is ClipMode.DYNAMIC:
+                with torch.no_grad():
+                    scale, offset = self._minmax(self.merged_weight())
+            else:
+                scale, offset = self.scale, self.offset
+            return lean_qlora_linear(x, self.weight, self.lora_a, self.lora_b, scale, offset, self.magnitude,
+                                     self.bias, self.scaling, self.n_bits, self.group_size)
         w = self.quantized_weight()
         bias = None if self.bias is None else self.bias.to(x.dtype)
         return F.linear(x, w.to(x.dtype), bias)

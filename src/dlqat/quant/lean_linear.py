@@ -1,0 +1,112 @@
+"""Memory-lean quantized LoRA linear: ``y = x @ (m * Q(W0 + scaling * B @ A))^T + bias``.
+
+Plain autograd keeps several full-size tensors per layer alive from forward to backward (the merged
+weight, the scaled weight, the rounded codes, clip masks, the dequantized weight). This Function saves
+only the input and the small tensors (``A, B, scale, offset, m``; ``W0`` is a frozen parameter that is
+alive anyway) and rebuilds the rest in backward, as L4Q does. Its gradients are those of the autograd
+graph (straight-through round, LSQ scale/offset gradients), see ``tests/test_lean_linear.py``.
+
+Backward, per group (``u = (W' - b)/s``, ``r = round(u)``, inside = ``lo <= r <= hi``, ``q = clip(r)``):
+    dW     = dY^T X                           (out, in), transient
+    dm     = sum(dW * (s q + b))
+    ds     = sum(dW * m * (q - u if inside else q))
+    db     = sum(dW * m * (0 if inside else 1))
+    dW'    = dW * m * inside                  (straight-through)
+    dB     = scaling * dW' A^T,  dA = scaling * B^T dW'
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from dlqat.quant.primitives import SCALE_EPS, apply_magnitude, code_range, dequantize, from_groups, quantize, to_groups
+
+
+def _group_cols(t: torch.Tensor, group_size: int, pad_value: float | None = None) -> torch.Tensor:
+    """(out, in) -> (out, n_groups, g); ``pad_value=None`` repeats the last column (like the quantizer)."""
+    if pad_value is None:
+        return to_groups(t, group_size)
+    g = to_groups(torch.zeros(1, t.shape[1], device=t.device), group_size).shape[-1]
+    pad = -t.shape[1] % g
+    return F.pad(t, (0, pad), value=pad_value).reshape(t.shape[0], -1, g)
+
+
+class _LeanQLoRALinear(torch.autograd.Function):
+    @staticmethod
+    def forward(x, weight, lora_a, lora_b, scale, offset, magnitude, bias, scaling, n_bits, group_size):
+        merged = weight + scaling * (lora_b @ lora_a)
+        q = quantize(merged, scale, offset, n_bits, group_size)
+        w = dequantize(q, *apply_magnitude(scale, offset, magnitude), group_size)
+        return F.linear(x, w.to(x.dtype), None if bias is None else bias.to(x.dtype))
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):  # noqa: ANN001
+        x, weight, lora_a, lora_b, scale, offset, magnitude, bias, scaling, n_bits, group_size = inputs
+        ctx.save_for_backward(x, weight, lora_a, lora_b, scale, offset, magnitude)
+        ctx.has_bias = bias is not None
+        ctx.scaling, ctx.n_bits, ctx.group_size = scaling, n_bits, group_size
+
+    @staticmethod
+    def backward(ctx, grad_y):  # noqa: ANN001
+        x, weight, lora_a, lora_b, scale, offset, magnitude = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        lo, hi = code_range(ctx.n_bits)
+        in_features = weight.shape[1]
+        with torch.no_grad():
+            merged = weight + ctx.scaling * (lora_b @ lora_a)
+            s = scale.clamp_min(SCALE_EPS).unsqueeze(-1)
+            b = offset.unsqueeze(-1)
+            u = (to_groups(merged, ctx.group_size) - b) / s  # (out, G, g)
+            r = torch.round(u)
+            inside = (r >= lo) & (r <= hi)
+            q = r.clamp(lo, hi)
+            m = None if magnitude is None else magnitude.unsqueeze(-1)
+            grad_x = grad_bias = d_a = d_b = d_scale = d_offset = d_mag = None
+            if need[0]:
+                w = from_groups((s * q + b) if m is None else (m * s) * q + m * b, in_features)
+                grad_x = (grad_y @ w.to(grad_y.dtype)).to(x.dtype)
+                del w
+            if ctx.has_bias and need[7]:
+                grad_bias = grad_y.reshape(-1, grad_y.shape[-1]).sum(0)
+            if any(need[2:7]):
+                d_w = grad_y.reshape(-1, grad_y.shape[-1]).t().to(merged.dtype) @ x.reshape(-1, x.shape[-1]).to(merged.dtype)
+                d_wg = _group_cols(d_w, ctx.group_size, pad_value=0.0)  # padding gets no gradient
+                del d_w
+                if m is not None and need[6]:
+                    d_mag = (d_wg * (s * q + b)).sum(-1)
+                d_wm = d_wg if m is None else d_wg * m
+                del d_wg
+                if need[4]:
+                    d_scale = (d_wm * torch.where(inside, q - u, q)).sum(-1) * (scale >= SCALE_EPS)
+                if need[5]:
+                    d_offset = (d_wm * ~inside).sum(-1)
+                if need[2] or need[3]:
+                    d_merged = from_groups(d_wm * inside, in_features)
+                    if need[3]:
+                        d_b = ctx.scaling * (d_merged @ lora_a.t())
+                    if need[2]:
+                        d_a = ctx.scaling * (lora_b.t() @ d_merged)
+        return grad_x, None, d_a, d_b, d_scale, d_offset, d_mag, grad_bias, None, None, None
+
+
+def lean_qlora_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    scale: torch.Tensor,
+    offset: torch.Tensor,
+    magnitude: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    scaling: float,
+    n_bits: int,
+    group_size: int,
+) -> torch.Tensor:
+    """``x @ (m * Q(W0 + scaling B A))^T + bias`` saving only ``x`` and small tensors for backward.
+
+    Shapes: ``x (..., in)``, ``weight (out, in)`` frozen, ``lora_a (r, in)``, ``lora_b (out, r)``,
+    ``scale``/``offset``/``magnitude`` ``(out, n_groups)``.
+    """
+    return _LeanQLoRALinear.apply(x, weight, lora_a, lora_b, scale, offset, magnitude, bias, scaling, n_bits,
+                                  group_size)

@@ -1,0 +1,60 @@
+"""`dlqat export` and `dlqat generate` on a tiny trained run."""
+
+import pytest
+import torch
+from accelerate.state import AcceleratorState, GradientState
+from transformers import AutoModelForCausalLM
+
+from dlqat.cli import main
+from dlqat.export import load_quantized
+
+
+@pytest.fixture(scope="module")
+def run_dir(tiny_model_dir, text_file, tmp_path_factory):
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    out = tmp_path_factory.mktemp("run") / "r"
+    assert main(["train", "--model", str(tiny_model_dir), "--data", str(text_file), "--eval_data", str(text_file),
+                 "--output_dir", str(out), "--group_size", "32", "--rank", "2", "--phase1_steps", "1",
+                 "--phase2_steps", "2", "--seq_len", "32", "--grad_accum", "1", "--eval_seq_len", "32",
+                 "--eval_max_windows", "2", "--no_progress"]) == 0
+    return out
+
+
+def logits(model, ids):
+    with torch.no_grad():
+        return model(input_ids=ids).logits
+
+
+def test_export_dlqat_fp32_is_exact_and_bf16_is_smaller(run_dir, tmp_path, capsys):
+    ids = torch.randint(0, 300, (1, 20))
+    ref = logits(load_quantized(run_dir / "quantized")[0], ids)
+    assert main(["export", str(run_dir), "--format", "dlqat", "--dtype", "fp32", "--out", str(tmp_path / "fp32")]) == 0
+    torch.testing.assert_close(logits(load_quantized(tmp_path / "fp32")[0], ids), ref, atol=0, rtol=0)
+    assert main(["export", str(run_dir), "--out", str(tmp_path / "bf16")]) == 0
+    assert "MiB" in capsys.readouterr().out
+    size = lambda p: (p / "model.safetensors").stat().st_size  # noqa: E731
+    assert size(tmp_path / "bf16") < 0.75 * size(tmp_path / "fp32")
+    bf16 = logits(load_quantized(tmp_path / "bf16", dtype=torch.float32)[0], ids)
+    assert (bf16.argmax(-1) == ref.argmax(-1)).float().mean() > 0.9
+
+
+def test_export_gguf_loads_in_transformers(run_dir, tmp_path):
+    assert main(["export", str(run_dir), "--format", "gguf", "--out", str(tmp_path / "m.gguf")]) == 0
+    gg = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="m.gguf", dtype=torch.float32)
+    ids = torch.randint(0, 300, (1, 20))
+    ref = logits(load_quantized(run_dir / "quantized")[0], ids)
+    torch.testing.assert_close(logits(gg, ids), ref, atol=2e-2, rtol=0)
+
+
+@pytest.mark.parametrize("backend", ["auto", "dequant"])
+def test_generate_streams_text(run_dir, capsys, backend):
+    assert main(["generate", str(run_dir), "--prompt", "The quick", "--max-new-tokens", "5", "--backend", backend]) == 0
+    assert capsys.readouterr().out.startswith("The quick")
+
+
+def test_export_errors(run_dir, tmp_path, capsys):
+    assert main(["export", str(tmp_path / "missing"), "--out", str(tmp_path / "x")]) == 2
+    assert "dlqat_quant.json" in capsys.readouterr().err
+    assert main(["export", str(run_dir), "--format", "gguf", "--template", "/nope.gguf", "--out", str(tmp_path / "y")]) == 2
+    assert "template='/nope.gguf'" in capsys.readouterr().err

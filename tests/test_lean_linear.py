@@ -1,0 +1,86 @@
+"""The lean custom backward equals plain autograd, and float64 gradcheck holds where defined."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from dlqat.quant import fake_quantize, minmax_scale_offset
+from dlqat.quant.lean_linear import lean_qlora_linear
+
+
+def inputs(dtype, k=96, n=24, g=64, r=4, magnitude=True, bias=True):
+    w = torch.randn(n, k, dtype=dtype) * 0.1
+    scale, offset = minmax_scale_offset(w, 3, g)
+    scale = scale * 0.7  # some weights outside the clip range, so every branch is exercised
+    t = dict(x=torch.randn(2, 5, k, dtype=dtype), weight=w, lora_a=torch.randn(r, k, dtype=dtype) * 0.1,
+             lora_b=torch.randn(n, r, dtype=dtype) * 0.1, scale=scale, offset=offset,
+             magnitude=(torch.rand_like(scale) + 0.5) if magnitude else None,
+             bias=torch.randn(n, dtype=dtype) if bias else None)
+    for key in ("x", "lora_a", "lora_b", "scale", "offset", "magnitude", "bias"):
+        if t[key] is not None:
+            t[key].requires_grad_(True)
+    return t, g
+
+
+def reference(t, g, scaling=2.0):
+    merged = t["weight"] + scaling * t["lora_b"] @ t["lora_a"]
+    w = fake_quantize(merged, t["scale"], t["offset"], 3, g, t["magnitude"])
+    return F.linear(t["x"], w, t["bias"])
+
+
+def lean(t, g, scaling=2.0):
+    return lean_qlora_linear(t["x"], t["weight"], t["lora_a"], t["lora_b"], t["scale"], t["offset"], t["magnitude"],
+                             t["bias"], scaling, 3, g)
+
+
+@pytest.mark.parametrize("g", [32, 64, -1])
+@pytest.mark.parametrize("magnitude,bias", [(True, True), (False, False)])
+def test_lean_gradients_equal_autograd(g, magnitude, bias):
+    torch.manual_seed(0)
+    t, g = inputs(torch.float64, g=g, magnitude=magnitude, bias=bias)
+    grad_y = torch.randn(2, 5, 24, dtype=torch.float64)
+    y_ref = reference(t, g)
+    names = [k for k, v in t.items() if v is not None and v.requires_grad]
+    ref = torch.autograd.grad(y_ref, [t[k] for k in names], grad_y)
+    y = lean(t, g)
+    got = torch.autograd.grad(y, [t[k] for k in names], grad_y)
+    torch.testing.assert_close(y, y_ref, atol=0, rtol=0)
+    for name, a, b in zip(names, got, ref):
+        assert b.abs().sum() > 0, name
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12, msg=name)
+
+
+def test_gradcheck_smooth_inputs():
+    """x, m and bias enter smoothly (the codes do not depend on them): numerical gradients must agree."""
+    torch.manual_seed(1)
+    t, g = inputs(torch.float64)
+
+    def f(x, magnitude, bias):
+        return lean_qlora_linear(x, t["weight"], t["lora_a"].detach(), t["lora_b"].detach(), t["scale"].detach(),
+                                 t["offset"].detach(), magnitude, bias, 2.0, 3, g)
+
+    assert torch.autograd.gradcheck(f, (t["x"], t["magnitude"], t["bias"]))
+
+
+def test_only_requested_gradients_are_built():
+    t, g = inputs(torch.float32)
+    for key in ("x", "scale", "offset", "magnitude", "bias", "lora_a"):
+        t[key] = t[key].detach()
+    y = lean(t, g)
+    (d_b,) = torch.autograd.grad(y.sum(), [t["lora_b"]])
+    assert d_b.shape == t["lora_b"].shape
+
+
+def test_saves_no_full_size_tensor():
+    t, g = inputs(torch.float32, k=256, n=128, g=64)
+    x_bytes = t["x"].numel() * 4
+    saved = []
+
+    def pack(tensor):
+        saved.append(tensor)
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        lean(t, g)
+    full = [s for s in saved if s.shape == t["weight"].shape and s is not t["weight"]]
+    assert not full and sum(s.numel() * s.element_size() for s in saved if s is not t["weight"]) < x_bytes + 40_000
