@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import math
 import tempfile
 import time
 from pathlib import Path
@@ -19,6 +20,7 @@ from pathlib import Path
 import torch
 
 from dlqat.data import read_text, tokenize_text
+from dlqat.eval.perplexity import perplexity
 from dlqat.export import convert, load_quantized, save_quantized
 from dlqat.export.formats import export, quantized_dir
 from dlqat.layers.quantized_linear import set_backend
@@ -83,11 +85,31 @@ def llama_cpp_speeds(gguf_path: Path, prompt: list[int], prefill: list[int], n_n
     return n_new / (t_dec - t_prompt), len(prefill) / timed(pre), decode()
 
 
+def llama_cpp_perplexity(gguf_path: Path, ids: list[int], seq_len: int, windows: int) -> float:
+    """Same windows and token weighting as ``dlqat.eval.perplexity``, scored by llama.cpp."""
+    import llama_cpp
+    import numpy as np
+
+    llm = llama_cpp.Llama(model_path=str(gguf_path), n_ctx=seq_len, logits_all=True,
+                          n_threads=torch.get_num_threads(), verbose=False)
+    nll, count = 0.0, 0
+    for w in range(windows):
+        window = ids[w * seq_len : (w + 1) * seq_len]
+        llm.reset()
+        llm.eval(window)
+        logits = np.asarray(llm.scores[: seq_len - 1], dtype=np.float64)
+        logz = np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1)) + logits.max(-1)
+        nll += float((logz - logits[np.arange(seq_len - 1), window[1:]]).sum())
+        count += seq_len - 1
+    return math.exp(nll / count)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--run", default=None, help="trained run folder (default: RTN W4 g128 of the embedded model)")
     parser.add_argument("--tokens", type=int, default=64, help="new tokens to decode")
     parser.add_argument("--prefill", type=int, default=256, help="prompt tokens for the prefill measurement")
+    parser.add_argument("--ppl-windows", type=int, default=4, help="512-token windows for the perplexity check")
     parser.add_argument("--output", default=None, help="also write the table as JSON here")
     args = parser.parse_args()
     torch.manual_seed(0)
@@ -135,7 +157,14 @@ def main() -> None:
         dec, pre, _ = llama_cpp_speeds(Path(src), prompt[0].tolist(), prefill[0].tolist(), args.tokens)
         add("llama.cpp, original SmolLM2 Q4_1 GGUF", dec, pre, Path(src).stat().st_size, None)
         same = sum(a == b for a, b in zip(ids_gguf, ids_dlqat))
-        notes.append(f"greedy tokens equal between dlqat (int4) and llama.cpp on the GGUF: {same}/{args.tokens}")
+        first_diff = next((i for i, (a, b) in enumerate(zip(ids_gguf, ids_dlqat)) if a != b), None)
+        notes.append(f"greedy tokens equal between dlqat (int4 decode) and llama.cpp on the GGUF: {same}/{args.tokens}"
+                     + ("" if first_diff is None else f" (first difference at token {first_diff})"))
+        set_backend(q_model, "dequant")
+        ppl_ours = perplexity(q_model, text_ids, 512, args.ppl_windows, progress=False).perplexity
+        ppl_cpp = llama_cpp_perplexity(gguf_path, text_ids, 512, args.ppl_windows)
+        notes.append(f"perplexity, {args.ppl_windows} x 512 tokens of wiki.utf8: dlqat {ppl_ours:.3f}, "
+                     f"llama.cpp on the GGUF {ppl_cpp:.3f} ({100 * (ppl_cpp / ppl_ours - 1):+.2f}%)")
     else:
         notes.append("llama.cpp rows skipped: pip install llama-cpp-python==0.3.36 (builds from source)")
 

@@ -25,7 +25,7 @@ def test_default_demo_runs_on_smollm2(tmp_path, capsys):
     assert main(["train", "--output_dir", str(out), "--phase1_steps", "1", "--phase2_steps", "1",
                  "--eval_max_windows", "1", "--no_progress"]) == 0
     printed = capsys.readouterr().out
-    assert "| float |" in printed and "| rtn |" in printed and "| dlqat |" in printed
+    assert "| float |" in printed and "| rtn |" in printed and "| dl_qat |" in printed
     results = json.loads((out / "results.json").read_text())
     ppl = results["perplexity"]
     # W4 g128 (576 = 4 x 128 + 64: the ragged last group) is worse than float but not broken
@@ -34,4 +34,4 @@ def test_default_demo_runs_on_smollm2(tmp_path, capsys):
     quant = json.loads((out / "quantized" / "dlqat_quant.json").read_text())
     assert quant["layers"]["model.layers.0.self_attn.q_proj"] == {"n_bits": 4, "group_size": 128}
     assert main(["eval", str(out), "--seq-len", "512", "--max-windows", "1", "--output", str(tmp_path / "e.json")]) == 0
-    assert json.loads((tmp_path / "e.json").read_text())["perplexity"] == ppl["dlqat"]
+    assert json.loads((tmp_path / "e.json").read_text())["perplexity"] == ppl["dl_qat"]

@@ -37,7 +37,7 @@ def configs(tiny_model_dir, text_file, out, **overrides):
 def test_training_lowers_loss_and_writes_the_run(tiny_model_dir, text_file, tmp_path):
     results = train(*configs(tiny_model_dir, text_file, tmp_path / "run"))
     ppl = results["perplexity"]
-    assert ppl["dlqat"] < 0.9 * ppl["rtn"], ppl
+    assert ppl["dl_qat"] < 0.9 * ppl["rtn"], ppl
     log = [json.loads(line) for line in (tmp_path / "run" / "train_log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log] == list(range(1, 16))
     phase2 = [r["loss"] for r in log if r["phase"].startswith("phase2")]
@@ -45,7 +45,7 @@ def test_training_lowers_loss_and_writes_the_run(tiny_model_dir, text_file, tmp_
     for name in ("run_config.json", "results.json", "results.md", "quant_state.safetensors", "checkpoint.pt",
                  "quantized/model.safetensors", "quantized/dlqat_quant.json"):
         assert (tmp_path / "run" / name).is_file(), name
-    assert "| dlqat |" in (tmp_path / "run" / "results.md").read_text()
+    assert "| dl_qat |" in (tmp_path / "run" / "results.md").read_text()
 
 
 class Killed(Exception):
@@ -85,8 +85,8 @@ def test_cli_train_then_eval_reproduces_the_reported_perplexity(tiny_model_dir, 
                "--output_dir", str(out), "--n_bits", "4", "--group_size", "32", "--rank", "2", "--phase1_steps", "1",
                "--phase2_steps", "2", "--seq_len", "32", "--grad_accum", "1", "--eval_seq_len", "32",
                "--eval_max_windows", "4", "--no_progress"])
-    assert rc == 0 and "| dlqat |" in capsys.readouterr().out
-    reported = json.loads((out / "results.json").read_text())["perplexity"]["dlqat"]
+    assert rc == 0 and "| dl_qat |" in capsys.readouterr().out
+    reported = json.loads((out / "results.json").read_text())["perplexity"]["dl_qat"]
     assert main(["eval", str(out), "--eval-data", str(text_file), "--seq-len", "32", "--max-windows", "4",
                  "--output", str(tmp_path / "e.json")]) == 0
     assert json.loads((tmp_path / "e.json").read_text())["perplexity"] == reported

@@ -10,14 +10,35 @@ from pathlib import Path
 
 from transformers import HfArgumentParser
 
-from dlqat.methods.dl_qat import DLQATConfig
+from dlqat.methods import METHODS, make_config
+from dlqat.methods.dl_qat import PRESETS, DLQATConfig
 from dlqat.train import TrainConfig
 
 
+def parse_train_args(argv: list[str]):
+    """``--method``/``--preset`` pick the config dataclass; its fields and TrainConfig's become flags."""
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--method", default="dl_qat")
+    pre.add_argument("--preset", default=None)
+    known, rest = pre.parse_known_args(argv)
+    if known.method not in METHODS:
+        raise ValueError(f"method={known.method!r}: expected one of {sorted(METHODS)}")
+    _, config_cls, fixed = METHODS[known.method]
+    parser = HfArgumentParser((config_cls, TrainConfig), prog="dlqat train",
+                              description="Quantization-aware low-rank fine-tuning of a causal LM.")
+    parser.add_argument("--method", default="dl_qat", help=f"one of {sorted(METHODS)} (default: dl_qat)")
+    parser.add_argument("--preset", default=None, help=f"DL-QAT ablation setting, one of {sorted(PRESETS)}")
+    if known.preset is not None:
+        if known.preset not in PRESETS or known.method != "dl_qat":
+            raise ValueError(f"preset={known.preset!r}: expected one of {sorted(PRESETS)} with --method dl_qat")
+        parser.set_defaults(**PRESETS[known.preset])
+    method_cfg, train_cfg, _ = parser.parse_args_into_dataclasses(args=argv)
+    values = {k: v for k, v in vars(method_cfg).items() if k not in fixed}
+    return make_config(known.method, **values), train_cfg
+
+
 def _train(argv: list[str]) -> int:
-    parser = HfArgumentParser((DLQATConfig, TrainConfig), prog="dlqat train",
-                              description="Quantization-aware low-rank fine-tuning (DL-QAT) of a causal LM.")
-    method_cfg, train_cfg = parser.parse_args_into_dataclasses(args=argv)
+    method_cfg, train_cfg = parse_train_args(argv)
     from dlqat.train import train
 
     results = train(method_cfg, train_cfg)
@@ -57,7 +78,7 @@ def _eval(argv: list[str]) -> int:
         if args.rtn_bits is not None:
             from dlqat.methods import dl_qat
 
-            dl_qat.prepare(model, DLQATConfig(n_bits=args.rtn_bits, group_size=args.group_size))
+            dl_qat.prepare(model, DLQATConfig(n_bits=args.rtn_bits, group_size=args.group_size))  # untrained = RTN
             label = f"RTN W{args.rtn_bits} g{args.group_size} of {label}"
     source = args.eval_data or str(resources.default_eval_text())
     result = perplexity(model, tokenize_text(read_text(source), tokenizer), args.seq_len, args.max_windows,
@@ -115,13 +136,19 @@ def _generate(argv: list[str]) -> int:
     return 0
 
 
-COMMANDS = {"train": _train, "eval": _eval, "export": _export, "generate": _generate}
+def _compare(argv: list[str]) -> int:
+    from dlqat.compare import main as compare_main
+
+    return compare_main(argv)
+
+
+COMMANDS = {"train": _train, "eval": _eval, "export": _export, "generate": _generate, "compare": _compare}
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] not in COMMANDS:
-        print("usage: dlqat {train,eval,export,generate} [options]   (dlqat COMMAND --help for details)", file=sys.stderr)
+        print("usage: dlqat {train,eval,export,generate,compare} [options]   (dlqat COMMAND --help for details)", file=sys.stderr)
         return 0 if argv and argv[0] in ("-h", "--help") else 2
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     for noisy in ("transformers", "accelerate", "httpx"):

@@ -1,7 +1,8 @@
 """One explicit training loop on Accelerate (so ``accelerate launch`` runs it on many processes).
 
-Lifecycle: load -> evaluate float -> prepare (quantized layers; at init this *is* RTN) -> evaluate
-RTN -> train the method's phases -> convert to codes -> save -> evaluate the saved model.
+Lifecycle: load -> evaluate float -> prepare (quantized layers; for most methods the untrained model
+*is* RTN: evaluated as such) -> train the method's phases -> finalize (post-training steps) ->
+convert to codes -> save -> evaluate the saved model.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ import json
 import logging
 import math
 import os
+import resource
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -25,7 +27,7 @@ from dlqat import resources
 from dlqat.data import collate, load_examples, micro_batch_indices, read_text, tokenize_text
 from dlqat.eval.perplexity import perplexity
 from dlqat.export import convert, save_quantized
-from dlqat.methods import dl_qat
+from dlqat.methods import QuantMethodConfig, method_module, method_name
 from dlqat.methods.base import Phase, count_parameters, set_trainable
 from dlqat.models import load_model, source_gguf
 
@@ -33,9 +35,9 @@ log = logging.getLogger(__name__)
 
 CHECKPOINT = "checkpoint.pt"
 # Used when no model and no data are given (the embedded demo): finishes in minutes on 2 CPU cores.
-DEMO_DEFAULTS = {"phase1_steps": 20, "phase2_steps": 40, "seq_len": 256, "grad_accum": 4, "eval_max_windows": 8,
+DEMO_DEFAULTS = {"phase1_steps": 20, "phase2_steps": 40, "steps": 60, "seq_len": 256, "grad_accum": 4, "eval_max_windows": 8,
                  "eval_seq_len": 512}
-PAPER_DEFAULTS = {"phase1_steps": 1000, "phase2_steps": 1000, "seq_len": 1024, "grad_accum": 16,
+PAPER_DEFAULTS = {"phase1_steps": 1000, "phase2_steps": 1000, "steps": 2000, "seq_len": 1024, "grad_accum": 16,
                   "eval_max_windows": None, "eval_seq_len": 2048}
 
 
@@ -85,7 +87,7 @@ class TrainConfig:
         return self.model is None and self.data is None
 
 
-def resolve_defaults(method_cfg: dl_qat.DLQATConfig, cfg: TrainConfig) -> None:
+def resolve_defaults(method_cfg: QuantMethodConfig, cfg: TrainConfig) -> None:
     """Fill the ``None`` (auto) settings: the paper's values, or the short demo's."""
     defaults = DEMO_DEFAULTS if cfg.is_demo else PAPER_DEFAULTS
     for target in (method_cfg, cfg):
@@ -116,9 +118,11 @@ def _batches(examples, cfg: TrainConfig, pad_id: int, start: int, accelerator: A
         yield {k: v.to(accelerator.device) for k, v in collate([examples[i] for i in idx], pad_id).items()}
 
 
-def train(method_cfg: dl_qat.DLQATConfig, cfg: TrainConfig) -> dict:
-    """Run DL-QAT end to end; returns (and writes) the results."""
+def train(method_cfg: QuantMethodConfig, cfg: TrainConfig) -> dict:
+    """Run a method end to end; returns (and writes) the results."""
     resolve_defaults(method_cfg, cfg)
+    method = method_module(method_cfg)
+    label = method_name(method_cfg)
     out = Path(cfg.output_dir)
     ckpt_path = out / CHECKPOINT
     if cfg.resume and not ckpt_path.is_file():
@@ -133,7 +137,7 @@ def train(method_cfg: dl_qat.DLQATConfig, cfg: TrainConfig) -> dict:
     set_seed(cfg.seed)
     out.mkdir(parents=True, exist_ok=True)
     if main:
-        (out / "run_config.json").write_text(json.dumps({"method": "dl_qat", "method_config": method_cfg.to_dict(),
+        (out / "run_config.json").write_text(json.dumps({"method": label, "method_config": method_cfg.to_dict(),
                                                          "train_config": asdict(cfg)}, indent=2))
 
     model, tokenizer = load_model(cfg.model)  # fp32 master weights; bf16 comes from autocast
@@ -162,8 +166,9 @@ def train(method_cfg: dl_qat.DLQATConfig, cfg: TrainConfig) -> dict:
 
     evaluate("float")
     base_params = count_parameters(model)[1]
-    names = dl_qat.prepare(model, method_cfg)
-    evaluate("rtn")  # B = 0, m = 1, min/max scale/offset: exactly round-to-nearest
+    names = method.prepare(model, method_cfg)
+    if method.STARTS_AT_RTN:
+        evaluate("rtn")  # e.g. DL-QAT: B = 0, m = 1, min/max scale/offset is exactly round-to-nearest
     accelerator.wait_for_everyone()
     if ckpt:
         _, unexpected = model.load_state_dict(ckpt["quant_state"], strict=False)
@@ -171,7 +176,7 @@ def train(method_cfg: dl_qat.DLQATConfig, cfg: TrainConfig) -> dict:
             raise ValueError(f"{ckpt_path}: checkpoint holds tensors this model does not have: {unexpected[:4]}; "
                              "was it written with other --target_modules/--clip_mode settings?")
 
-    schedule = dl_qat.phases(method_cfg)
+    schedule = method.phases(method_cfg, names)
     trainable = {p.name: sum(t.numel() for n, t in model.named_parameters() if p.trains(n)) for p in schedule}
     results.update(trainable_params=trainable, base_params=base_params, quantized_layers=len(names))
     log.info("quantized %d linear layers of a %s-parameter model", len(names), f"{base_params:,}")
@@ -182,6 +187,7 @@ def train(method_cfg: dl_qat.DLQATConfig, cfg: TrainConfig) -> dict:
     total_steps = sum(p.steps for p in schedule)
     batches = _batches(examples, cfg, tokenizer.pad_token_id, step * cfg.grad_accum, accelerator)
     log_file = open(out / "train_log.jsonl", "a") if main else None
+    step_times = []
     phase_end = 0
     for phase in schedule:
         phase_start, phase_end = phase_end, phase_end + phase.steps
@@ -209,7 +215,8 @@ def train(method_cfg: dl_qat.DLQATConfig, cfg: TrainConfig) -> dict:
                 raise FloatingPointError(f"loss became {loss_sum} at step {step + 1} ({phase.name}); "
                                          f"the last good checkpoint is {ckpt_path} (lower --lr/--quant-lr and --resume)")
             step += 1
-            tok_s = n_tokens / (time.perf_counter() - t0)
+            step_times.append(time.perf_counter() - t0)
+            tok_s = n_tokens / step_times[-1]
             bar.update(1)
             bar.set_postfix(loss=f"{loss_sum:.4f}", tok_s=f"{tok_s:.0f}")
             if log_file:
@@ -223,16 +230,30 @@ def train(method_cfg: dl_qat.DLQATConfig, cfg: TrainConfig) -> dict:
         log_file.close()
 
     model = accelerator.unwrap_model(model)
+    model.eval()
     if main:
         save_file({k: v.contiguous() for k, v in _quant_state(model).items()}, out / "quant_state.safetensors")
+        if hasattr(method, "finalize"):
+            calibration = [collate([e], tokenizer.pad_token_id)["input_ids"].to(accelerator.device) for e in examples]
+            with torch.no_grad():
+                method.finalize(model, method_cfg, names, calibration)
         layers = convert(model)
         save_quantized(model, tokenizer, out / "quantized", layers, source_gguf=source_gguf(cfg.model))
-        evaluate("dlqat")
-        results["settings"] = {"n_bits": method_cfg.n_bits, "group_size": method_cfg.group_size,
-                               "rank": method_cfg.rank, "steps": total_steps}
+        evaluate(label)
+        results["settings"] = {"method": label, "n_bits": method_cfg.n_bits, "group_size": method_cfg.group_size,
+                               "rank": getattr(method_cfg, "rank", None), "steps": total_steps}
+        results["seconds_per_step"] = sum(step_times) / len(step_times) if step_times else None
+        results["peak_memory_mb"] = _peak_memory_mb()
         write_results(results, out)
     accelerator.wait_for_everyone()
     return results
+
+
+def _peak_memory_mb() -> float:
+    """Peak GPU memory allocated (CUDA) or the process's peak resident memory (CPU)."""
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def _start_phase(accelerator: Accelerator, model, phase: Phase, cfg: TrainConfig):
@@ -242,8 +263,7 @@ def _start_phase(accelerator: Accelerator, model, phase: Phase, cfg: TrainConfig
     selected = set_trainable(model, phase.trains)
     if not selected:
         raise ValueError(f"{phase.name}: no parameter to train")
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=phase.lr, weight_decay=cfg.weight_decay)
+    optimizer = torch.optim.AdamW(phase.param_groups(model), lr=phase.lr, weight_decay=cfg.weight_decay)
     model.train()
     return accelerator.prepare(model, optimizer)
 
@@ -260,7 +280,8 @@ def write_results(results: dict, out: Path) -> None:
     """``results.json`` and a Markdown table ``results.md``."""
     (out / "results.json").write_text(json.dumps(results, indent=2))
     s = results.get("settings", {})
-    lines = [f"# Perplexity (W{s.get('n_bits')} g{s.get('group_size')}, rank {s.get('rank')}, {s.get('steps')} steps)",
+    lines = [f"# Perplexity: {s.get('method')} W{s.get('n_bits')} g{s.get('group_size')}, rank {s.get('rank')}, "
+             f"{s.get('steps')} steps",
              "", f"{results.get('eval', '')}", "", "| model | perplexity |", "|---|---|"]
     lines += [f"| {k} | {v:.3f} |" for k, v in results["perplexity"].items()]
     base = results["base_params"]

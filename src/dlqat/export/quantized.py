@@ -27,7 +27,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
-from dlqat.layers import QuantizedLinear, QuantLoRALinear
+from dlqat.layers import QuantizedLinear
 from dlqat.surgery import replace_linears
 
 FORMAT = "dlqat-packed-v1"
@@ -36,25 +36,24 @@ WEIGHTS_FILE = "model.safetensors"
 
 
 def convert(model: nn.Module) -> dict[str, dict]:
-    """Replace every ``QuantLoRALinear`` by a ``QuantizedLinear`` holding its final codes (in place).
+    """Replace every trained quantized layer (anything with ``to_codes()``: ``QuantLoRALinear``,
+    ``QALoRALinear``) by a ``QuantizedLinear`` holding its final codes (in place).
 
-    The lifecycle's last step: the result has no trainable quantization state and computes exactly
-    the same outputs. Returns ``{name: {"n_bits", "group_size"}}`` for the converted layers.
+    The lifecycle's last step: the result has no trainable quantization state and computes the same
+    outputs. Returns ``{name: {"n_bits", "group_size"}}`` of all quantized layers.
     """
-    layers: dict[str, dict] = {}
-
-    def make(name: str, layer: QuantLoRALinear) -> QuantizedLinear:
-        layers[name] = {"n_bits": layer.n_bits, "group_size": layer.group_size}
+    def make(_name: str, layer: nn.Module) -> QuantizedLinear:
         q, scale, offset = layer.to_codes()
         return QuantizedLinear.from_codes(q, scale, offset, layer.n_bits, layer.group_size, layer.bias)
 
     def is_trained_layer(_name: str, module: nn.Module) -> bool:
-        return isinstance(module, QuantLoRALinear)
+        return hasattr(module, "to_codes") and not isinstance(module, QuantizedLinear)
 
-    try:
+    if any(is_trained_layer(n, m) for n, m in model.named_modules()):
         replace_linears(model, make, is_trained_layer)
-    except ValueError as err:
-        raise ValueError("convert() needs a prepared model: call a method's prepare() first") from err
+    layers = quantized_layers(model)
+    if not layers:
+        raise ValueError("convert() needs a prepared model: call a method's prepare() first")
     return layers
 
 

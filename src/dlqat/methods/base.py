@@ -1,11 +1,52 @@
-"""What a method hands to the training loop: how to prepare the model and its training phases."""
+"""What every method shares: its config base, training phases, and parameter bookkeeping.
+
+A method is a module with ``Config`` (a dataclass deriving ``QuantMethodConfig``), ``prepare(model,
+cfg) -> layer names``, ``phases(cfg, layer_names) -> [Phase]``, ``STARTS_AT_RTN`` (whether the
+prepared, untrained model is exactly RTN) and optionally ``finalize(model, cfg, layer_names,
+calibration)`` run after training (post-training quantization, merges).
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Callable
+from dataclasses import asdict, dataclass, field
+from typing import Callable, ClassVar
 
 from torch import nn
+
+from dlqat.quant.primitives import check_bits, resolve_group_size
+from dlqat.surgery import DEFAULT_TARGETS, name_filter
+
+
+@dataclass
+class QuantMethodConfig:
+    """Settings every method has."""
+
+    method: ClassVar[str] = ""
+    n_bits: int = field(default=4, metadata={"help": "weight bits, 2..8"})
+    group_size: int = field(
+        default=128,
+        metadata={"help": "columns per quantization group along the input dim; -1 = per output channel. "
+                  "A ragged last group (in_features not a multiple) is allowed."},
+    )
+    target_modules: str = field(
+        default=DEFAULT_TARGETS,
+        metadata={"help": "regex over dotted module names of the linears to quantize, or 'all-linear'"},
+    )
+
+    def __post_init__(self) -> None:
+        check_bits(self.n_bits)
+        resolve_group_size(self.group_size, 1 << 30)
+        name_filter(self.target_modules)  # fails early on a bad regex
+        for name, value in asdict(self).items():
+            if name in ("rank", "calib_samples") and value < 1:
+                raise ValueError(f"{name}={value!r}: expected a positive integer")
+            if name in ("alpha", "lr", "quant_lr") and value <= 0:
+                raise ValueError(f"{name}={value!r}: expected a positive number")
+            if name.endswith("steps") and value is not None and value < 0:
+                raise ValueError(f"{name}={value!r}: expected a non-negative integer")
+
+    def to_dict(self) -> dict:
+        return {"method": self.method, **asdict(self)}
 
 
 @dataclass(frozen=True)
@@ -18,12 +59,26 @@ class Phase:
         lr: constant learning rate (AdamW).
         trains: ``trains(param_name) -> bool`` picks the parameters trained in this phase; all
             others are frozen.
+        lr_by_suffix: per-parameter-kind learning rates (e.g. ``{"scale": 1e-5}``) overriding ``lr``.
     """
 
     name: str
     steps: int
     lr: float
     trains: Callable[[str], bool]
+    lr_by_suffix: dict[str, float] = field(default_factory=dict)
+
+    def param_groups(self, model: nn.Module) -> list[dict]:
+        groups: dict[float, list] = {}
+        for name, param in model.named_parameters():
+            if param.requires_grad:
+                groups.setdefault(self.lr_by_suffix.get(name.rsplit(".", 1)[-1], self.lr), []).append(param)
+        return [{"params": params, "lr": lr} for lr, params in groups.items()]
+
+
+def param_of(*suffixes: str) -> Callable[[str], bool]:
+    """Select parameters by their last name component (``lora_a``, ``scale``, ...)."""
+    return lambda name: name.rsplit(".", 1)[-1] in suffixes
 
 
 def set_trainable(model: nn.Module, trains: Callable[[str], bool]) -> list[str]:

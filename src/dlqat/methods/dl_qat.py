@@ -7,38 +7,29 @@ The paper's ablations (Table 3) are options: ``use_magnitude`` and ``clip_mode``
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
+from typing import ClassVar
 
 from torch import nn
 
 from dlqat.layers import ClipMode, QuantLoRALinear
-from dlqat.methods.base import Phase
-from dlqat.quant.primitives import check_bits, resolve_group_size
-from dlqat.surgery import DEFAULT_TARGETS, name_filter, replace_linears
+from dlqat.methods.base import Phase, QuantMethodConfig, param_of
+from dlqat.surgery import name_filter, replace_linears
 
 _CLIP_MODES = [mode.value for mode in ClipMode]
 
 
 @dataclass
-class DLQATConfig:
+class DLQATConfig(QuantMethodConfig):
     """DL-QAT method settings (defaults: the paper's)."""
 
-    n_bits: int = field(default=4, metadata={"help": "weight bits, 2..8"})
-    group_size: int = field(
-        default=128,
-        metadata={"help": "columns per quantization group along the input dim; -1 = per output channel. "
-                  "A ragged last group (in_features not a multiple) is allowed."},
-    )
+    method: ClassVar[str] = "dl_qat"
     rank: int = field(default=16, metadata={"help": "LoRA rank r"})
     alpha: float = field(default=16.0, metadata={"help": "LoRA alpha; scaling = alpha / rank"})
     use_magnitude: bool = field(default=True, metadata={"help": "train DL-QAT's per-group magnitude m"})
     clip_mode: str = field(
         default=ClipMode.LEARN_THEN_FIX.value,
         metadata={"help": f"clipping range: one of {_CLIP_MODES}"},
-    )
-    target_modules: str = field(
-        default=DEFAULT_TARGETS,
-        metadata={"help": "regex over dotted module names of the linears to quantize, or 'all-linear'"},
     )
     phase1_steps: int | None = field(
         default=None,
@@ -49,28 +40,26 @@ class DLQATConfig:
         metadata={"help": "phase-2 optimizer steps (m, A, B); default 1000, 40 for the demo"},
     )
     lr: float = field(default=2e-4, metadata={"help": "phase-2 learning rate (AdamW, constant)"})
-    quant_lr: float = field(default=1e-4, metadata={"help": "phase-1 learning rate for scale/offset"})
+    quant_lr: float = field(default=1e-4, metadata={"help": "phase-1 learning rate for scale/offset "
+                                                       "(and theirs in phase 2 with clip_mode=joint)"})
 
     def __post_init__(self) -> None:
-        check_bits(self.n_bits)
-        resolve_group_size(self.group_size, 1 << 30)
-        if self.rank < 1:
-            raise ValueError(f"rank={self.rank!r}: expected a positive integer")
-        if self.alpha <= 0:
-            raise ValueError(f"alpha={self.alpha!r}: expected a positive number")
         if self.clip_mode not in _CLIP_MODES:
             raise ValueError(f"clip_mode={self.clip_mode!r}: expected one of {_CLIP_MODES}")
-        for name in ("phase1_steps", "phase2_steps"):
-            value = getattr(self, name)
-            if value is not None and value < 0:
-                raise ValueError(f"{name}={value!r}: expected a non-negative integer")
-        for name in ("lr", "quant_lr"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"{name}={getattr(self, name)!r}: expected a positive number")
-        name_filter(self.target_modules)  # fails early on a bad regex
+        super().__post_init__()
 
-    def to_dict(self) -> dict:
-        return asdict(self)
+
+# The DL-QAT ablation grid (paper, Table 3): magnitude on/off x where the clipping range comes from.
+# Our numbering; "dlqat-5" is DL-QAT itself.
+PRESETS = {
+    "dlqat-1": {"use_magnitude": False, "clip_mode": "dynamic"},
+    "dlqat-2": {"use_magnitude": False, "clip_mode": "learn_then_fix"},
+    "dlqat-3": {"use_magnitude": False, "clip_mode": "joint"},
+    "dlqat-4": {"use_magnitude": True, "clip_mode": "dynamic"},
+    "dlqat-5": {"use_magnitude": True, "clip_mode": "learn_then_fix"},
+    "dlqat-6": {"use_magnitude": True, "clip_mode": "joint"},
+}
+STARTS_AT_RTN = True
 
 
 def prepare(model: nn.Module, cfg: DLQATConfig) -> list[str]:
@@ -89,11 +78,7 @@ def prepare(model: nn.Module, cfg: DLQATConfig) -> list[str]:
     return replace_linears(model, make, name_filter(cfg.target_modules))
 
 
-def _param_of(*suffixes: str):
-    return lambda name: name.rsplit(".", 1)[-1] in suffixes
-
-
-def phases(cfg: DLQATConfig) -> list[Phase]:
+def phases(cfg: DLQATConfig, layer_names: list[str] | None = None) -> list[Phase]:
     """The DL-QAT schedule, adjusted for the ablation switches."""
     assert cfg.phase1_steps is not None and cfg.phase2_steps is not None, "resolve step defaults first"
     phase2 = ("lora_a", "lora_b") + (("magnitude",) if cfg.use_magnitude else ())
@@ -102,6 +87,7 @@ def phases(cfg: DLQATConfig) -> list[Phase]:
         phase2 += ("scale", "offset")
     schedule = []
     if clip is not ClipMode.DYNAMIC and cfg.phase1_steps:
-        schedule.append(Phase("phase1: scale/offset", cfg.phase1_steps, cfg.quant_lr, _param_of("scale", "offset")))
-    schedule.append(Phase("phase2: " + "/".join(phase2), cfg.phase2_steps, cfg.lr, _param_of(*phase2)))
+        schedule.append(Phase("phase1: scale/offset", cfg.phase1_steps, cfg.quant_lr, param_of("scale", "offset")))
+    quant_lrs = {"scale": cfg.quant_lr, "offset": cfg.quant_lr} if clip is ClipMode.JOINT else {}
+    schedule.append(Phase("phase2: " + "/".join(phase2), cfg.phase2_steps, cfg.lr, param_of(*phase2), quant_lrs))
     return schedule

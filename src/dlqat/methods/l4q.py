@@ -1,0 +1,42 @@
+"""L4Q (Jeon et al., 2024): ``W = Q(W0 + scaling * B @ A)`` with ``scale, offset`` learned jointly
+with ``A, B`` from the start (LSQ gradients), on the memory-lean backward of ``QuantLoRALinear``
+(saves the input and small tensors only; see ``dlqat.quant.lean_linear``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+from torch import nn
+
+from dlqat.layers import ClipMode, QuantLoRALinear
+from dlqat.methods.base import Phase, QuantMethodConfig, param_of
+from dlqat.surgery import name_filter, replace_linears
+
+STARTS_AT_RTN = True
+
+
+@dataclass
+class L4QConfig(QuantMethodConfig):
+    """L4Q settings."""
+
+    method: ClassVar[str] = "l4q"
+    rank: int = field(default=16, metadata={"help": "LoRA rank r"})
+    alpha: float = field(default=16.0, metadata={"help": "LoRA alpha; scaling = alpha / rank"})
+    steps: int | None = field(default=None, metadata={"help": "optimizer steps; default 2000 (60 in the demo)"})
+    lr: float = field(default=2e-4, metadata={"help": "learning rate of A, B"})
+    quant_lr: float = field(default=1e-4, metadata={"help": "learning rate of scale, offset"})
+
+
+def prepare(model: nn.Module, cfg: L4QConfig) -> list[str]:
+    def make(_name: str, linear: nn.Linear) -> QuantLoRALinear:
+        return QuantLoRALinear.from_linear(linear, n_bits=cfg.n_bits, group_size=cfg.group_size, rank=cfg.rank,
+                                           alpha=cfg.alpha, use_magnitude=False, clip_mode=ClipMode.JOINT)
+
+    return replace_linears(model, make, name_filter(cfg.target_modules))
+
+
+def phases(cfg: L4QConfig, layer_names: list[str] | None = None) -> list[Phase]:
+    return [Phase("l4q: lora_a/lora_b/scale/offset", cfg.steps, cfg.lr, param_of("lora_a", "lora_b", "scale", "offset"),
+                  {"scale": cfg.quant_lr, "offset": cfg.quant_lr})]

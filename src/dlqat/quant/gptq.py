@@ -1,0 +1,57 @@
+"""GPTQ (Frantar et al., 2022): column-by-column quantization that spreads each column's rounding
+error over the not-yet-quantized columns using the inverse Hessian of the layer's inputs.
+
+The quantizer is dlqat's asymmetric min/max group quantizer; a group's scale and offset are taken
+from the (already error-updated) weights when the algorithm reaches the group's first column, as in
+the reference implementation with ``groupsize``. ``H = 2/N sum x x^T`` over calibration tokens.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from dlqat.quant.primitives import code_range, minmax_scale_offset, resolve_group_size
+
+
+@torch.no_grad()
+def gptq_quantize(
+    weight: torch.Tensor, hessian: torch.Tensor, n_bits: int, group_size: int, damp: float = 0.01, block: int = 128
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """GPTQ of ``weight (out, in)`` given ``hessian (in, in)``.
+
+    Returns:
+        ``q`` int8 codes ``(out, in)``, ``scale`` and ``offset`` ``(out, n_groups)`` (float32).
+    """
+    w = weight.detach().float().clone()
+    out_features, in_features = w.shape
+    g = resolve_group_size(group_size, in_features)
+    lo, hi = code_range(n_bits)
+    h = hessian.float().clone()
+    dead = torch.diag(h) == 0
+    h[dead, dead] = 1
+    w[:, dead] = 0
+    h += damp * torch.mean(torch.diag(h)) * torch.eye(in_features, device=h.device)
+    h_inv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
+    q = torch.zeros(out_features, in_features, dtype=torch.int8, device=w.device)
+    n_groups = -(-in_features // g)
+    scale = torch.zeros(out_features, n_groups, device=w.device)
+    offset = torch.zeros_like(scale)
+    for i1 in range(0, in_features, block):
+        i2 = min(i1 + block, in_features)
+        w1 = w[:, i1:i2].clone()
+        err1 = torch.zeros_like(w1)
+        h_inv1 = h_inv[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            col = i1 + i
+            if col % g == 0:
+                group = torch.cat([w1[:, i:], w[:, i2:]], dim=1)[:, : min(g, in_features - col)]
+                s, b = minmax_scale_offset(group, n_bits, -1)
+                scale[:, col // g], offset[:, col // g] = s[:, 0], b[:, 0]
+            s, b = scale[:, col // g], offset[:, col // g]
+            col_q = torch.clamp(torch.round((w1[:, i] - b) / s), lo, hi)
+            q[:, col] = col_q.to(torch.int8)
+            err = (w1[:, i] - (s * col_q + b)) / h_inv1[i, i]
+            w1[:, i:] -= err.unsqueeze(1) @ h_inv1[i, i:].unsqueeze(0)
+            err1[:, i] = err
+        w[:, i2:] -= err1 @ h_inv[i1:i2, i2:]
+    return q, scale, offset

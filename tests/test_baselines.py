@@ -1,0 +1,160 @@
+"""The comparison methods: each pinned by its defining property."""
+
+import csv
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+from accelerate.state import AcceleratorState, GradientState
+from torch import nn
+
+from conftest import tiny_model
+from dlqat.cli import main, parse_train_args
+from dlqat.export import convert
+from dlqat.layers import QuantizedLinear
+from dlqat.layers.qa_lora_linear import QALoRALinear
+from dlqat.methods import METHODS, full_qat, l4q, make_config, ptq, qa_lora
+from dlqat.methods.base import set_trainable
+from dlqat.quant import dequantize, minmax_scale_offset, quantize
+from dlqat.quant.gptq import gptq_quantize
+
+
+@pytest.mark.parametrize("in_features,group_size", [(96, 32), (96, 64), (80, -1)])
+def test_qa_lora_merges_into_offsets_exactly(in_features, group_size):
+    layer = QALoRALinear(nn.Linear(in_features, 16), n_bits=3, group_size=group_size, rank=4, alpha=8.0)
+    with torch.no_grad():
+        layer.lora_b.normal_(0, 0.1)
+    x = torch.randn(5, in_features, dtype=torch.float32)
+    # pooling is the plain mean over each group's own columns (ragged last group included)
+    g = in_features if group_size == -1 else group_size
+    ref_pool = torch.stack([x[:, c : c + g].mean(1) for c in range(0, in_features, g)], dim=1)
+    torch.testing.assert_close(layer.pool(x), ref_pool)
+    trained = layer(x)
+    q, scale, offset = layer.to_codes()
+    torch.testing.assert_close(q, layer.q, atol=0, rtol=0)  # same codes: the adapter only moves offsets
+    merged = QuantizedLinear.from_codes(q, scale, offset, 3, group_size, layer.bias)
+    torch.testing.assert_close(merged(x), trained, atol=1e-5, rtol=1e-5)
+
+
+def test_qa_lora_and_l4q_phases():
+    cfg = make_config("qa_lora", group_size=32, rank=2, steps=3)
+    model = tiny_model()
+    names = qa_lora.prepare(model, cfg)
+    (phase,) = qa_lora.phases(cfg, names)
+    assert {n.rsplit(".", 1)[-1] for n in set_trainable(model, phase.trains)} == {"lora_a", "lora_b"}
+    assert model.model.layers[0].mlp.down_proj.lora_a.shape == (2, 96 // 32)
+    cfg = make_config("l4q", group_size=32, rank=2, steps=3, lr=1e-3, quant_lr=1e-5)
+    model = tiny_model()
+    l4q.prepare(model, cfg)
+    (phase,) = l4q.phases(cfg)
+    selected = set_trainable(model, phase.trains)
+    assert {n.rsplit(".", 1)[-1] for n in selected} == {"lora_a", "lora_b", "scale", "offset"}
+    assert sorted(g["lr"] for g in phase.param_groups(model)) == [1e-5, 1e-3]
+    assert not any(n.endswith("magnitude") for n, _ in model.named_parameters())
+
+
+def test_gptq_equals_rtn_when_inputs_are_uncorrelated():
+    w = torch.randn(24, 128)
+    q, scale, offset = gptq_quantize(w, torch.eye(128), 3, 32, damp=0.0)
+    s_ref, b_ref = minmax_scale_offset(w, 3, 32)
+    torch.testing.assert_close(scale, s_ref, atol=0, rtol=0)
+    torch.testing.assert_close(q.float(), quantize(w, s_ref, b_ref, 3, 32), atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("group_size", [32, 48, -1])
+def test_gptq_lowers_output_error_on_correlated_inputs(group_size):
+    torch.manual_seed(0)
+    w = torch.randn(32, 96)
+    x = torch.randn(512, 8) @ torch.randn(8, 96) + 0.1 * torch.randn(512, 96)  # low-rank, correlated
+    q, scale, offset = gptq_quantize(w, 2 * x.t() @ x / 512, 3, group_size)
+    assert q.min() >= -4 and q.max() <= 3
+    s_rtn, b_rtn = minmax_scale_offset(w, 3, group_size)
+    w_rtn = dequantize(quantize(w, s_rtn, b_rtn, 3, group_size), s_rtn, b_rtn, group_size)
+    w_gptq = dequantize(q.float(), scale, offset, group_size)
+    err = lambda wq: (x @ (w - wq).t()).pow(2).mean()  # noqa: E731
+    assert err(w_gptq) < 0.7 * err(w_rtn)
+
+
+@pytest.mark.parametrize("algorithm", ["rtn", "gptq"])
+def test_lora_then_ptq_quantizes_the_merged_weight(algorithm):
+    model = tiny_model()
+    cfg = make_config(f"lora_{algorithm}", group_size=32, rank=2, steps=1)
+    names = ptq.prepare(model, cfg)
+    layer = model.get_submodule(names[0])
+    with torch.no_grad():
+        layer.lora_b.normal_(0, 0.1)
+    merged = layer.merged_weight().detach().clone()
+    ptq.finalize(model, cfg, names, [torch.randint(0, 300, (1, 16)) for _ in range(4)])
+    out = model.get_submodule(names[0])
+    assert isinstance(out, QuantizedLinear)
+    if algorithm == "rtn":
+        s, b = minmax_scale_offset(merged, 4, 32)
+        torch.testing.assert_close(out.dequantized_weight(), dequantize(quantize(merged, s, b, 4, 32), s, b, 32),
+                                   atol=0, rtol=0)
+    assert convert(model)  # already converted: convert() reports the layers
+    assert len(convert(model)) == len(names)
+
+
+def test_full_qat_trains_only_quantized_weights():
+    model = tiny_model()
+    cfg = make_config("full_qat", group_size=32, steps=1, lr=1e-2)
+    names = full_qat.prepare(model, cfg)
+    (phase,) = full_qat.phases(cfg, names)
+    selected = set_trainable(model, phase.trains)
+    assert sorted(selected) == sorted(f"{n}.weight" for n in names)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    ids = torch.randint(0, 300, (2, 12))
+    opt = torch.optim.AdamW(phase.param_groups(model))
+    model(input_ids=ids, labels=ids).loss.backward()
+    opt.step()
+    changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+    assert changed == set(selected)
+
+
+def test_presets_and_method_flags():
+    cfg, _ = parse_train_args(["--preset", "dlqat-1"])
+    assert cfg.use_magnitude is False and cfg.clip_mode == "dynamic"
+    cfg, _ = parse_train_args(["--method", "lora_gptq", "--steps", "3"])
+    assert cfg.algorithm == "gptq" and cfg.lora_first and cfg.steps == 3
+    with pytest.raises(ValueError, match="preset='dlqat-9'"):
+        parse_train_args(["--preset", "dlqat-9"])
+    with pytest.raises(ValueError, match="method='nope'"):
+        parse_train_args(["--method", "nope"])
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_every_method_runs_from_the_cli(method, tiny_model_dir, text_file, tmp_path):
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    steps = [] if method in ("rtn", "gptq") else (
+        ["--phase1_steps", "1", "--phase2_steps", "1"] if method == "dl_qat" else ["--steps", "2"])
+    out = tmp_path / method
+    assert main(["train", "--method", method, "--model", str(tiny_model_dir), "--data", str(text_file), "--eval_data",
+                 str(text_file), "--output_dir", str(out), "--group_size", "32", "--seq_len", "32", "--grad_accum", "1",
+                 "--eval_seq_len", "32", "--eval_max_windows", "2", "--no_progress", *steps]) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["settings"]["method"] == method and method in results["perplexity"]
+    if method != "rtn":
+        assert ("rtn" in results["perplexity"]) == METHODS[method][0].STARTS_AT_RTN
+    assert main(["eval", str(out), "--eval-data", str(text_file), "--seq-len", "32", "--max-windows", "2",
+                 "--output", str(tmp_path / "e.json")]) == 0
+    assert json.loads((tmp_path / "e.json").read_text())["perplexity"] == results["perplexity"][method]
+
+
+def test_compare_writes_table_csv_and_plot(tiny_model_dir, text_file, tmp_path, capsys):
+    out = tmp_path / "cmp"
+    assert main(["compare", "--methods", "rtn,dl_qat", "--bits", "4,3", "--group_size", "32", "--steps", "2",
+                 "--output_dir", str(out), "--model", str(tiny_model_dir), "--data", str(text_file), "--eval_data",
+                 str(text_file), "--seq_len", "32", "--grad_accum", "1", "--eval_seq_len", "32",
+                 "--eval_max_windows", "2", "--no_progress"]) == 0
+    rows = list(csv.DictReader(open(out / "comparison.csv")))
+    assert [(r["method"], r["bits"]) for r in rows] == [("rtn", "4"), ("dl_qat", "4"), ("rtn", "3"), ("dl_qat", "3")]
+    assert all(float(r["peak_memory_mb"]) > 0 for r in rows)
+    assert "| dl_qat | 3 | 32 |" in (out / "comparison.md").read_text()
+    assert (out / "comparison.png").stat().st_size > 1000
+    # RTN through the rtn method equals the dl_qat run's untrained (RTN) row
+    for bits in ("4", "3"):
+        rtn_run = next(r for r in rows if r["method"] == "rtn" and r["bits"] == bits)
+        dl = next(r for r in rows if r["method"] == "dl_qat" and r["bits"] == bits)
+        assert float(rtn_run["perplexity"]) == pytest.approx(float(dl["rtn"]), rel=1e-6)
