@@ -132,7 +132,9 @@ def train(method_cfg: QuantMethodConfig, cfg: TrainConfig) -> dict:
     mixed = cfg.mixed_precision
     if mixed == "auto":
         mixed = "bf16" if torch.cuda.is_available() else "no"
-    accelerator = Accelerator(gradient_accumulation_steps=cfg.grad_accum, mixed_precision=mixed)
+    # cpu=True lets Accelerate run several CPU processes (gloo) under torchrun; GPUs are used when present.
+    accelerator = Accelerator(gradient_accumulation_steps=cfg.grad_accum, mixed_precision=mixed,
+                              cpu=not torch.cuda.is_available())
     main = accelerator.is_main_process
     set_seed(cfg.seed)
     out.mkdir(parents=True, exist_ok=True)
@@ -209,7 +211,8 @@ def train(method_cfg: QuantMethodConfig, cfg: TrainConfig) -> dict:
                         accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
                     optimizer.step()
                     optimizer.zero_grad()
-                loss_sum += loss.item() / cfg.grad_accum
+                # the mean over all processes, so a DDP run logs the same loss as one process
+                loss_sum += accelerator.reduce(loss.detach(), "mean").item() / cfg.grad_accum
                 n_tokens += int(batch["attention_mask"].sum()) * accelerator.num_processes
             if not math.isfinite(loss_sum):
                 raise FloatingPointError(f"loss became {loss_sum} at step {step + 1} ({phase.name}); "
