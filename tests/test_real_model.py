@@ -34,4 +34,4 @@ def test_default_demo_runs_on_smollm2(tmp_path, capsys):
     quant = json.loads((out / "quantized" / "dlqat_quant.json").read_text())
     assert quant["layers"]["model.layers.0.self_attn.q_proj"] == {"n_bits": 4, "group_size": 128}
     assert main(["eval", str(out), "--seq-len", "512", "--max-windows", "1", "--output", str(tmp_path / "e.json")]) == 0
-    assert json.loads((tmp_path / "e.json").read_text())["perplexity"] == ppl["dl_qat"]
+    assert json.loads((tmp_path / "e.json").read_text())["perplexity"]["perplexity"] == ppl["dl_qat"]

