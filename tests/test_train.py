@@ -12,6 +12,7 @@ from safetensors.torch import load_file
 
 import dlqat.train as train_mod
 from dlqat.cli import main
+from dlqat.layers import QuantLoRALinear
 from dlqat.methods.dl_qat import DLQATConfig
 from dlqat.train import TrainConfig, train
 
@@ -114,3 +115,18 @@ def test_python_dash_m_entry_point():
     done = subprocess.run([sys.executable, "-m", "dlqat", "train", "--help"], capture_output=True, text=True,
                           env={**os.environ, "PYTHONWARNINGS": "ignore"})
     assert done.returncode == 0 and "--group_size" in done.stdout
+
+
+def test_gradient_checkpointing_gives_the_same_training(tiny_model_dir, text_file, tmp_path, monkeypatch):
+    recomputed = []
+    real = QuantLoRALinear.forward
+    monkeypatch.setattr(QuantLoRALinear, "forward", lambda self, x: recomputed.append(torch.is_grad_enabled()) or real(self, x))
+    train(*configs(tiny_model_dir, text_file, tmp_path / "plain", phase2_steps=3))
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    plain_calls = len(recomputed)
+    train(*configs(tiny_model_dir, text_file, tmp_path / "ckpt", phase2_steps=3, gradient_checkpointing=True))
+    assert len(recomputed) - plain_calls > plain_calls  # the decoder layers ran again in backward
+    plain, ckpt = (load_file(tmp_path / r / "quant_state.safetensors") for r in ("plain", "ckpt"))
+    for key in plain:
+        torch.testing.assert_close(ckpt[key], plain[key], atol=1e-6, rtol=1e-5)

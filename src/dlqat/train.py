@@ -153,7 +153,10 @@ def train(method_cfg: QuantMethodConfig, cfg: TrainConfig) -> dict:
     model, tokenizer = load_model(cfg.model)  # fp32 master weights; bf16 comes from autocast
     model.to(accelerator.device)
     if cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x name
+            model.activation_checkpointing_enable({"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     train_source = cfg.data or str(resources.default_train_text())
     eval_source = cfg.eval_data or str(resources.default_eval_text())
     examples = load_examples(train_source, tokenizer, cfg.seq_len, cfg.train_on_prompt)
