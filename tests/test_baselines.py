@@ -158,3 +158,15 @@ def test_compare_writes_table_csv_and_plot(tiny_model_dir, text_file, tmp_path, 
         rtn_run = next(r for r in rows if r["method"] == "rtn" and r["bits"] == bits)
         dl = next(r for r in rows if r["method"] == "dl_qat" and r["bits"] == bits)
         assert float(rtn_run["perplexity"]) == pytest.approx(float(dl["rtn"]), rel=1e-6)
+
+
+def test_full_qat_checkpoint_holds_the_trained_weights(tiny_model_dir, text_file, tmp_path):
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    out = tmp_path / "fq"
+    assert main(["train", "--method", "full_qat", "--model", str(tiny_model_dir), "--data", str(text_file),
+                 "--eval_data", str(text_file), "--output_dir", str(out), "--group_size", "32", "--seq_len", "32",
+                 "--grad_accum", "1", "--eval_seq_len", "32", "--eval_max_windows", "2", "--no_progress",
+                 "--steps", "2", "--save_every", "1"]) == 0
+    state = torch.load(out / "checkpoint.pt", weights_only=False)["quant_state"]
+    assert "model.layers.0.mlp.down_proj.weight" in state and "model.layers.0.input_layernorm.weight" not in state

@@ -58,8 +58,8 @@ def test_killed_run_resumes_to_the_same_result(tiny_model_dir, text_file, tmp_pa
 
     real_save = train_mod._save_checkpoint
 
-    def save_then_die(accelerator, model, optimizer, step, phase, results, path):
-        real_save(accelerator, model, optimizer, step, phase, results, path)
+    def save_then_die(accelerator, model, optimizer, step, phase, results, path, schedule):
+        real_save(accelerator, model, optimizer, step, phase, results, path, schedule)
         if step == 8:  # inside phase 2, with optimizer state to restore
             raise Killed
 

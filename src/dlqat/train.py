@@ -113,10 +113,13 @@ def _atomic_torch_save(obj: object, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def _quant_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The small trained tensors (A, B, m, scale, offset), by name."""
-    keys = ("lora_a", "lora_b", "magnitude", "scale", "offset")
-    return {n: p.detach().cpu().clone() for n, p in model.named_parameters() if n.rsplit(".", 1)[-1] in keys}
+_QUANT_KINDS = ("lora_a", "lora_b", "magnitude", "scale", "offset")
+
+
+def _quant_state(model: torch.nn.Module, schedule: list[Phase] = ()) -> dict[str, torch.Tensor]:
+    """Every tensor a method trains (A, B, m, scale, offset; full-weight QAT: the weights), by name."""
+    return {n: p.detach().cpu().clone() for n, p in model.named_parameters()
+            if n.rsplit(".", 1)[-1] in _QUANT_KINDS or any(phase.trains(n) for phase in schedule)}
 
 
 def _batches(examples, cfg: TrainConfig, pad_id: int, start: int, accelerator: Accelerator) -> Iterator[dict]:
@@ -239,7 +242,7 @@ def train(method_cfg: QuantMethodConfig, cfg: TrainConfig) -> dict:
                                            "tokens_per_s": tok_s}) + "\n")
                 log_file.flush()
             if step % cfg.save_every == 0 or step == total_steps:
-                _save_checkpoint(accelerator, model, optimizer, step, phase, results, ckpt_path)
+                _save_checkpoint(accelerator, model, optimizer, step, phase, results, ckpt_path, schedule)
         bar.close()
     if log_file:
         log_file.close()
@@ -247,7 +250,7 @@ def train(method_cfg: QuantMethodConfig, cfg: TrainConfig) -> dict:
     model = accelerator.unwrap_model(model)
     model.eval()
     if main:
-        save_file({k: v.contiguous() for k, v in _quant_state(model).items()}, out / "quant_state.safetensors")
+        save_file({k: v.contiguous() for k, v in _quant_state(model, schedule).items()}, out / "quant_state.safetensors")
         if hasattr(method, "finalize"):
             calibration = [collate([e], tokenizer.pad_token_id)["input_ids"].to(accelerator.device) for e in examples]
             with torch.no_grad():
@@ -287,10 +290,10 @@ def _start_phase(accelerator: Accelerator, model, phase: Phase, cfg: TrainConfig
     return accelerator.prepare(model, optimizer)
 
 
-def _save_checkpoint(accelerator, model, optimizer, step, phase, results, path: Path) -> None:
+def _save_checkpoint(accelerator, model, optimizer, step, phase, results, path: Path, schedule) -> None:
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        state = {"step": step, "phase": phase.name, "quant_state": _quant_state(accelerator.unwrap_model(model)),
+        state = {"step": step, "phase": phase.name, "quant_state": _quant_state(accelerator.unwrap_model(model), schedule),
                  "optimizer": optimizer.state_dict(), "results": results}
         _atomic_torch_save(state, path)
 
