@@ -50,9 +50,10 @@ def hf_speeds(model, prompt_ids: torch.Tensor, prefill_ids: torch.Tensor, n_new:
 
     def decode():
         with torch.no_grad():
-            gen = model.generate(prompt_ids, max_new_tokens=n_new, min_new_tokens=n_new, do_sample=False,
-                                 pad_token_id=0)
-        out[:] = gen[0, prompt_ids.shape[1]:].tolist()
+            gen = model.generate(
+                prompt_ids, max_new_tokens=n_new, min_new_tokens=n_new, do_sample=False, pad_token_id=0
+            )
+        out[:] = gen[0, prompt_ids.shape[1] :].tolist()
 
     t_dec = timed(decode, 2)
     t_pre = timed(lambda: prefill_of(model, prefill_ids))
@@ -90,8 +91,9 @@ def llama_cpp_perplexity(gguf_path: Path, ids: list[int], seq_len: int, windows:
     import llama_cpp
     import numpy as np
 
-    llm = llama_cpp.Llama(model_path=str(gguf_path), n_ctx=seq_len, logits_all=True,
-                          n_threads=torch.get_num_threads(), verbose=False)
+    llm = llama_cpp.Llama(
+        model_path=str(gguf_path), n_ctx=seq_len, logits_all=True, n_threads=torch.get_num_threads(), verbose=False
+    )
     nll, count = 0.0, 0
     for w in range(windows):
         window = ids[w * seq_len : (w + 1) * seq_len]
@@ -158,25 +160,33 @@ def main() -> None:
         add("llama.cpp, original SmolLM2 Q4_1 GGUF", dec, pre, Path(src).stat().st_size, None)
         same = sum(a == b for a, b in zip(ids_gguf, ids_dlqat))
         first_diff = next((i for i, (a, b) in enumerate(zip(ids_gguf, ids_dlqat)) if a != b), None)
-        notes.append(f"greedy tokens equal between dlqat (int4 decode) and llama.cpp on the GGUF: {same}/{args.tokens}"
-                     + ("" if first_diff is None else f" (first difference at token {first_diff})"))
+        notes.append(
+            f"greedy tokens equal between dlqat (int4 decode) and llama.cpp on the GGUF: {same}/{args.tokens}"
+            + ("" if first_diff is None else f" (first difference at token {first_diff})")
+        )
         set_backend(q_model, "dequant")
         ppl_ours = perplexity(q_model, text_ids, 512, args.ppl_windows, progress=False).perplexity
         ppl_cpp = llama_cpp_perplexity(gguf_path, text_ids, 512, args.ppl_windows)
-        notes.append(f"perplexity, {args.ppl_windows} x 512 tokens of wiki.utf8: dlqat {ppl_ours:.3f}, "
-                     f"llama.cpp on the GGUF {ppl_cpp:.3f} ({100 * (ppl_cpp / ppl_ours - 1):+.2f}%)")
+        notes.append(
+            f"perplexity, {args.ppl_windows} x 512 tokens of wiki.utf8: dlqat {ppl_ours:.3f}, "
+            f"llama.cpp on the GGUF {ppl_cpp:.3f} ({100 * (ppl_cpp / ppl_ours - 1):+.2f}%)"
+        )
     else:
         notes.append("llama.cpp rows skipped: pip install llama-cpp-python==0.3.36 (builds from source)")
 
     base = rows[0]
-    print(f"\nSmolLM2-135M, batch 1, {torch.get_num_threads()} threads; decode {args.tokens} tokens after a "
-          f"16-token prompt; prefill {args.prefill} tokens; ratios vs transformers fp32\n")
+    print(
+        f"\nSmolLM2-135M, batch 1, {torch.get_num_threads()} threads; decode {args.tokens} tokens after a "
+        f"16-token prompt; prefill {args.prefill} tokens; ratios vs transformers fp32\n"
+    )
     print("| model | decode tok/s | x fp32 | prefill tok/s | x fp32 | file MB | x bf16 size |")
     print("|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['model']} | {r['decode_tok_s']:.1f} | {r['decode_tok_s'] / base['decode_tok_s']:.2f} | "
-              f"{r['prefill_tok_s']:.0f} | {r['prefill_tok_s'] / base['prefill_tok_s']:.2f} | {r['size_mb']:.1f} | "
-              f"{r['size_mb'] * 1e6 / bf16_size:.2f} |")
+        print(
+            f"| {r['model']} | {r['decode_tok_s']:.1f} | {r['decode_tok_s'] / base['decode_tok_s']:.2f} | "
+            f"{r['prefill_tok_s']:.0f} | {r['prefill_tok_s'] / base['prefill_tok_s']:.2f} | {r['size_mb']:.1f} | "
+            f"{r['size_mb'] * 1e6 / bf16_size:.2f} |"
+        )
     for note in notes:
         print(f"\n{note}")
     if args.output:

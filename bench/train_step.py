@@ -26,8 +26,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-VARIANTS = {"a": "PEFT LoRA (float)", "b": "QAT+LoRA, float branch (torchtune-style)", "c": "dlqat DL-QAT phase 2",
-            "d": "dlqat L4Q", "e": "full-weight QAT"}
+VARIANTS = {
+    "a": "PEFT LoRA (float)",
+    "b": "QAT+LoRA, float branch (torchtune-style)",
+    "c": "dlqat DL-QAT phase 2",
+    "d": "dlqat L4Q",
+    "e": "full-weight QAT",
+}
 
 
 class FakeQuantPlusLoRA(nn.Module):
@@ -58,11 +63,13 @@ def build(variant: str, model: nn.Module, n_bits: int, group_size: int, rank: in
         import peft
 
         targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-        return peft.get_peft_model(model, peft.LoraConfig(r=rank, lora_alpha=rank, target_modules=targets,
-                                                          init_lora_weights="gaussian"))
+        return peft.get_peft_model(
+            model, peft.LoraConfig(r=rank, lora_alpha=rank, target_modules=targets, init_lora_weights="gaussian")
+        )
     if variant == "b":
-        replace_linears(model, lambda n, m: FakeQuantPlusLoRA(m, n_bits, group_size, rank, rank),
-                        name_filter(DEFAULT_TARGETS))
+        replace_linears(
+            model, lambda n, m: FakeQuantPlusLoRA(m, n_bits, group_size, rank, rank), name_filter(DEFAULT_TARGETS)
+        )
         set_trainable(model, lambda n: n.rsplit(".", 1)[-1] in ("lora_a", "lora_b"))
         return model
     method = {"c": "dl_qat", "d": "l4q", "e": "full_qat"}[variant]
@@ -105,7 +112,9 @@ def run_variant(args) -> dict:
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-5)
     ids = torch.randint(0, model.config.vocab_size, (args.batch, args.seq), device=device)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device == "cuda" else torch.autocast("cpu", enabled=False)
+    autocast = (
+        torch.autocast("cuda", dtype=torch.bfloat16) if device == "cuda" else torch.autocast("cpu", enabled=False)
+    )
 
     def step():
         with autocast:
@@ -122,10 +131,19 @@ def run_variant(args) -> dict:
         t0 = time.perf_counter()
         step()
         times.append(time.perf_counter() - t0)
-    peak = torch.cuda.max_memory_allocated() / 2**20 if device == "cuda" else \
-        resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    return {"variant": args.variant, "seconds_per_step": min(times), "peak_mb": peak, "trainable": sum(p.numel() for p in params),
-            "linear_params": n_linear, "tokens": args.batch * args.seq}
+    peak = (
+        torch.cuda.max_memory_allocated() / 2**20
+        if device == "cuda"
+        else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    )
+    return {
+        "variant": args.variant,
+        "seconds_per_step": min(times),
+        "peak_mb": peak,
+        "trainable": sum(p.numel() for p in params),
+        "linear_params": n_linear,
+        "tokens": args.batch * args.seq,
+    }
 
 
 def main() -> None:
@@ -154,16 +172,20 @@ def main() -> None:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     gflops = matmul_gflops(device)
     base = rows[0]
-    print(f"\n{args.batch} x {args.seq} tokens per step, W{args.bits} g{args.group_size}, rank {args.rank}, "
-          f"{device} ({torch.get_num_threads()} threads), fp32 matmul {gflops:.0f} GFLOP/s; ratios vs (a)\n")
+    print(
+        f"\n{args.batch} x {args.seq} tokens per step, W{args.bits} g{args.group_size}, rank {args.rank}, "
+        f"{device} ({torch.get_num_threads()} threads), fp32 matmul {gflops:.0f} GFLOP/s; ratios vs (a)\n"
+    )
     print("| variant | s/step | x (a) | peak MB | x (a) | trainable | tokens/s | % of FLOP floor |")
     print("|---|---|---|---|---|---|---|---|")
     for r in rows:
         tok_s = r["tokens"] / r["seconds_per_step"]
         floor = gflops * 1e9 / (6 * r["linear_params"])
-        print(f"| ({r['variant']}) {VARIANTS[r['variant']]} | {r['seconds_per_step']:.2f} | "
-              f"{r['seconds_per_step'] / base['seconds_per_step']:.2f} | {r['peak_mb']:.0f} | "
-              f"{r['peak_mb'] / base['peak_mb']:.2f} | {r['trainable']:,} | {tok_s:.0f} | {100 * tok_s / floor:.0f}% |")
+        print(
+            f"| ({r['variant']}) {VARIANTS[r['variant']]} | {r['seconds_per_step']:.2f} | "
+            f"{r['seconds_per_step'] / base['seconds_per_step']:.2f} | {r['peak_mb']:.0f} | "
+            f"{r['peak_mb'] / base['peak_mb']:.2f} | {r['trainable']:,} | {tok_s:.0f} | {100 * tok_s / floor:.0f}% |"
+        )
     if args.output:
         json.dump({"rows": rows, "gflops": gflops}, open(args.output, "w"), indent=2)
 

@@ -30,8 +30,15 @@ CORPUS = (
     "Perplexity is the exponential of the mean negative log likelihood per token. "
 ) * 40
 
-TINY = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-            num_key_value_heads=2, max_position_embeddings=256)
+TINY = dict(
+    vocab_size=VOCAB,
+    hidden_size=64,
+    intermediate_size=96,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=256,
+)
 
 
 @pytest.fixture(autouse=True)
@@ -45,8 +52,12 @@ def make_tokenizer() -> PreTrainedTokenizerFast:
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=VOCAB, special_tokens=["<eos>", "<pad>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=VOCAB,
+        special_tokens=["<eos>", "<pad>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
     tok.train_from_iterator([CORPUS], trainer)
     return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", pad_token="<pad>")
 
@@ -89,8 +100,10 @@ def text_file(tmp_path_factory) -> Path:
 
 @pytest.fixture()
 def alpaca_file(tmp_path) -> Path:
-    records = [{"instruction": "Name a color.", "input": "", "output": "Blue."},
-               {"instruction": "Add the numbers.", "input": "2 and 3", "output": "5"}] * 4
+    records = [
+        {"instruction": "Name a color.", "input": "", "output": "Blue."},
+        {"instruction": "Add the numbers.", "input": "2 and 3", "output": "5"},
+    ] * 4
     path = tmp_path / "alpaca.json"
     path.write_text(json.dumps(records))
     return path

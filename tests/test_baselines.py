@@ -5,7 +5,6 @@ import json
 
 import pytest
 import torch
-import torch.nn.functional as F
 from accelerate.state import AcceleratorState, GradientState
 from torch import nn
 
@@ -90,8 +89,9 @@ def test_lora_then_ptq_quantizes_the_merged_weight(algorithm):
     assert isinstance(out, QuantizedLinear)
     if algorithm == "rtn":
         s, b = minmax_scale_offset(merged, 4, 32)
-        torch.testing.assert_close(out.dequantized_weight(), dequantize(quantize(merged, s, b, 4, 32), s, b, 32),
-                                   atol=0, rtol=0)
+        torch.testing.assert_close(
+            out.dequantized_weight(), dequantize(quantize(merged, s, b, 4, 32), s, b, 32), atol=0, rtol=0
+        )
     assert convert(model)  # already converted: convert() reports the layers
     assert len(convert(model)) == len(names)
 
@@ -127,27 +127,101 @@ def test_presets_and_method_flags():
 def test_every_method_runs_from_the_cli(method, tiny_model_dir, text_file, tmp_path):
     AcceleratorState._reset_state(True)
     GradientState._reset_state()
-    steps = [] if method in ("rtn", "gptq") else (
-        ["--phase1_steps", "1", "--phase2_steps", "1"] if method == "dl_qat" else ["--steps", "2"])
+    steps = (
+        []
+        if method in ("rtn", "gptq")
+        else (["--phase1_steps", "1", "--phase2_steps", "1"] if method == "dl_qat" else ["--steps", "2"])
+    )
     out = tmp_path / method
-    assert main(["train", "--method", method, "--model", str(tiny_model_dir), "--data", str(text_file), "--eval_data",
-                 str(text_file), "--output_dir", str(out), "--group_size", "32", "--seq_len", "32", "--grad_accum", "1",
-                 "--eval_seq_len", "32", "--eval_max_windows", "2", "--no_progress", *steps]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--method",
+                method,
+                "--model",
+                str(tiny_model_dir),
+                "--data",
+                str(text_file),
+                "--eval_data",
+                str(text_file),
+                "--output_dir",
+                str(out),
+                "--group_size",
+                "32",
+                "--seq_len",
+                "32",
+                "--grad_accum",
+                "1",
+                "--eval_seq_len",
+                "32",
+                "--eval_max_windows",
+                "2",
+                "--no_progress",
+                *steps,
+            ]
+        )
+        == 0
+    )
     results = json.loads((out / "results.json").read_text())
     assert results["settings"]["method"] == method and method in results["perplexity"]
     if method != "rtn":
         assert ("rtn" in results["perplexity"]) == METHODS[method][0].STARTS_AT_RTN
-    assert main(["eval", str(out), "--eval-data", str(text_file), "--seq-len", "32", "--max-windows", "2",
-                 "--output", str(tmp_path / "e.json")]) == 0
+    assert (
+        main(
+            [
+                "eval",
+                str(out),
+                "--eval-data",
+                str(text_file),
+                "--seq-len",
+                "32",
+                "--max-windows",
+                "2",
+                "--output",
+                str(tmp_path / "e.json"),
+            ]
+        )
+        == 0
+    )
     assert json.loads((tmp_path / "e.json").read_text())["perplexity"]["perplexity"] == results["perplexity"][method]
 
 
 def test_compare_writes_table_csv_and_plot(tiny_model_dir, text_file, tmp_path, capsys):
     out = tmp_path / "cmp"
-    assert main(["compare", "--methods", "rtn,dl_qat", "--bits", "4,3", "--group_size", "32", "--steps", "2",
-                 "--output_dir", str(out), "--model", str(tiny_model_dir), "--data", str(text_file), "--eval_data",
-                 str(text_file), "--seq_len", "32", "--grad_accum", "1", "--eval_seq_len", "32",
-                 "--eval_max_windows", "2", "--no_progress"]) == 0
+    assert (
+        main(
+            [
+                "compare",
+                "--methods",
+                "rtn,dl_qat",
+                "--bits",
+                "4,3",
+                "--group_size",
+                "32",
+                "--steps",
+                "2",
+                "--output_dir",
+                str(out),
+                "--model",
+                str(tiny_model_dir),
+                "--data",
+                str(text_file),
+                "--eval_data",
+                str(text_file),
+                "--seq_len",
+                "32",
+                "--grad_accum",
+                "1",
+                "--eval_seq_len",
+                "32",
+                "--eval_max_windows",
+                "2",
+                "--no_progress",
+            ]
+        )
+        == 0
+    )
     rows = list(csv.DictReader(open(out / "comparison.csv")))
     assert [(r["method"], r["bits"]) for r in rows] == [("rtn", "4"), ("dl_qat", "4"), ("rtn", "3"), ("dl_qat", "3")]
     assert all(float(r["peak_memory_mb"]) > 0 for r in rows)
@@ -164,9 +238,38 @@ def test_full_qat_checkpoint_holds_the_trained_weights(tiny_model_dir, text_file
     AcceleratorState._reset_state(True)
     GradientState._reset_state()
     out = tmp_path / "fq"
-    assert main(["train", "--method", "full_qat", "--model", str(tiny_model_dir), "--data", str(text_file),
-                 "--eval_data", str(text_file), "--output_dir", str(out), "--group_size", "32", "--seq_len", "32",
-                 "--grad_accum", "1", "--eval_seq_len", "32", "--eval_max_windows", "2", "--no_progress",
-                 "--steps", "2", "--save_every", "1"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--method",
+                "full_qat",
+                "--model",
+                str(tiny_model_dir),
+                "--data",
+                str(text_file),
+                "--eval_data",
+                str(text_file),
+                "--output_dir",
+                str(out),
+                "--group_size",
+                "32",
+                "--seq_len",
+                "32",
+                "--grad_accum",
+                "1",
+                "--eval_seq_len",
+                "32",
+                "--eval_max_windows",
+                "2",
+                "--no_progress",
+                "--steps",
+                "2",
+                "--save_every",
+                "1",
+            ]
+        )
+        == 0
+    )
     state = torch.load(out / "checkpoint.pt", weights_only=False)["quant_state"]
     assert "model.layers.0.mlp.down_proj.weight" in state and "model.layers.0.input_layernorm.weight" not in state

@@ -24,8 +24,10 @@ def test_documented_layouts():
     # 2-bit: four codes per byte, lowest bits first
     q2 = torch.tensor([[-2, -1, 0, 1, 1, 0, -1, -2]], dtype=torch.int8)
     u = (q2.to(torch.int32) + 2)[0].tolist()
-    assert pack_codes(q2, 2)[0].tolist() == [u[0] | u[1] << 2 | u[2] << 4 | u[3] << 6,
-                                              u[4] | u[5] << 2 | u[6] << 4 | u[7] << 6]
+    assert pack_codes(q2, 2)[0].tolist() == [
+        u[0] | u[1] << 2 | u[2] << 4 | u[3] << 6,
+        u[4] | u[5] << 2 | u[6] << 4 | u[7] << 6,
+    ]
     # 3-bit: 8 codes in a 24-bit little-endian word
     q3 = torch.arange(-4, 4, dtype=torch.int8)[None]
     word = sum((k) << (3 * k) for k in range(8))  # u = 0..7

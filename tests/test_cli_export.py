@@ -14,10 +14,39 @@ def run_dir(tiny_model_dir, text_file, tmp_path_factory):
     AcceleratorState._reset_state(True)
     GradientState._reset_state()
     out = tmp_path_factory.mktemp("run") / "r"
-    assert main(["train", "--model", str(tiny_model_dir), "--data", str(text_file), "--eval_data", str(text_file),
-                 "--output_dir", str(out), "--group_size", "32", "--rank", "2", "--phase1_steps", "1",
-                 "--phase2_steps", "2", "--seq_len", "32", "--grad_accum", "1", "--eval_seq_len", "32",
-                 "--eval_max_windows", "2", "--no_progress"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--model",
+                str(tiny_model_dir),
+                "--data",
+                str(text_file),
+                "--eval_data",
+                str(text_file),
+                "--output_dir",
+                str(out),
+                "--group_size",
+                "32",
+                "--rank",
+                "2",
+                "--phase1_steps",
+                "1",
+                "--phase2_steps",
+                "2",
+                "--seq_len",
+                "32",
+                "--grad_accum",
+                "1",
+                "--eval_seq_len",
+                "32",
+                "--eval_max_windows",
+                "2",
+                "--no_progress",
+            ]
+        )
+        == 0
+    )
     return out
 
 
@@ -56,5 +85,8 @@ def test_generate_streams_text(run_dir, capsys, backend):
 def test_export_errors(run_dir, tmp_path, capsys):
     assert main(["export", str(tmp_path / "missing"), "--out", str(tmp_path / "x")]) == 2
     assert "dlqat_quant.json" in capsys.readouterr().err
-    assert main(["export", str(run_dir), "--format", "gguf", "--template", "/nope.gguf", "--out", str(tmp_path / "y")]) == 2
+    assert (
+        main(["export", str(run_dir), "--format", "gguf", "--template", "/nope.gguf", "--out", str(tmp_path / "y")])
+        == 2
+    )
     assert "template='/nope.gguf'" in capsys.readouterr().err

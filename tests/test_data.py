@@ -19,8 +19,9 @@ def test_alpaca_prompt_tokens_are_masked(alpaca_file, tokenizer):
     examples = load_examples(alpaca_file, tokenizer, seq_len=512)
     assert len(examples) == 8
     ex = examples[1]
-    prompt = tokenizer(alpaca_prompt({"instruction": "Add the numbers.", "input": "2 and 3"}),
-                       add_special_tokens=False)["input_ids"]
+    prompt = tokenizer(
+        alpaca_prompt({"instruction": "Add the numbers.", "input": "2 and 3"}), add_special_tokens=False
+    )["input_ids"]
     assert ex["input_ids"][: len(prompt)] == prompt
     assert ex["labels"][: len(prompt)] == [IGNORE_INDEX] * len(prompt)
     assert ex["labels"][len(prompt) :] == ex["input_ids"][len(prompt) :]
@@ -42,13 +43,24 @@ def test_jsonl_and_text(tmp_path, tokenizer, text_file):
     assert blocks[1]["input_ids"] == ids[32:64]
 
 
-@pytest.mark.parametrize("content,suffix,expected", [
-    ('[{"instruction": "a", "output": "b"}, {"instruction": "c"}]', ".json", r"alpaca.json\[1\]: missing field 'output'"),
-    ('[{"instruction": 3, "output": "b"}]', ".json", r"alpaca.json\[0\]: field 'instruction' must be a string"),
-    ('{"instruction": "a", "output": "b"}\n{"instruction": "a", "output": "b"', ".jsonl", r"alpaca.jsonl:2: invalid JSON"),
-    ('{"instruction": "a", "output": "b"}\n[1]', ".jsonl", r"alpaca.jsonl:2: expected an object"),
-    ('{"instruction": "a"}', ".json", r"alpaca.json: expected a JSON list"),
-])
+@pytest.mark.parametrize(
+    "content,suffix,expected",
+    [
+        (
+            '[{"instruction": "a", "output": "b"}, {"instruction": "c"}]',
+            ".json",
+            r"alpaca.json\[1\]: missing field 'output'",
+        ),
+        ('[{"instruction": 3, "output": "b"}]', ".json", r"alpaca.json\[0\]: field 'instruction' must be a string"),
+        (
+            '{"instruction": "a", "output": "b"}\n{"instruction": "a", "output": "b"',
+            ".jsonl",
+            r"alpaca.jsonl:2: invalid JSON",
+        ),
+        ('{"instruction": "a", "output": "b"}\n[1]', ".jsonl", r"alpaca.jsonl:2: expected an object"),
+        ('{"instruction": "a"}', ".json", r"alpaca.json: expected a JSON list"),
+    ],
+)
 def test_malformed_records_name_file_record_and_field(tmp_path, tokenizer, content, suffix, expected):
     path = tmp_path / f"alpaca{suffix}"
     path.write_text(content)
@@ -93,5 +105,7 @@ def test_micro_batch_order_is_resumable_and_process_independent():
 
 
 def test_chunk_drops_only_the_short_tail():
-    assert chunk_tokens(list(range(10)), 4) == [{"input_ids": [0, 1, 2, 3], "labels": [0, 1, 2, 3]},
-                                                {"input_ids": [4, 5, 6, 7], "labels": [4, 5, 6, 7]}]
+    assert chunk_tokens(list(range(10)), 4) == [
+        {"input_ids": [0, 1, 2, 3], "labels": [0, 1, 2, 3]},
+        {"input_ids": [4, 5, 6, 7], "labels": [4, 5, 6, 7]},
+    ]

@@ -24,8 +24,9 @@ DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("n_bits,k,n,g", [(4, 256, 32, 64), (4, 576, 192, 128), (3, 576, 1536, 64), (2, 128, 48, 32),
-                                          (4, 96, 16, 32)])
+@pytest.mark.parametrize(
+    "n_bits,k,n,g", [(4, 256, 32, 64), (4, 576, 192, 128), (3, 576, 1536, 64), (2, 128, 48, 32), (4, 96, 16, 32)]
+)
 @pytest.mark.parametrize("rows", [1, 5])
 def test_int4_kernel_matches_float_path(device, n_bits, k, n, g, rows):
     layer, q, scale, offset, bias = make_layer(n_bits, k, n, g, bias=(n_bits == 3), device=device)
@@ -33,8 +34,9 @@ def test_int4_kernel_matches_float_path(device, n_bits, k, n, g, rows):
     layer.set_backend("dequant")
     ref = layer(x)
     w_ref = dequantize(q.float(), scale, offset, g).to(device)
-    torch.testing.assert_close(ref, torch.nn.functional.linear(x, w_ref, None if bias is None else bias.to(device)),
-                               atol=0, rtol=0)
+    torch.testing.assert_close(
+        ref, torch.nn.functional.linear(x, w_ref, None if bias is None else bias.to(device)), atol=0, rtol=0
+    )
     layer.set_backend("int4")
     out = layer(x)
     assert out.dtype == x.dtype and out.shape == ref.shape

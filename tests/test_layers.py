@@ -62,7 +62,12 @@ def test_shares_frozen_weight_and_works_on_meta():
 def test_dynamic_mode_has_no_scale_parameters_and_tracks_merged_weight():
     linear = nn.Linear(64, 16, bias=False)
     layer = make(linear, clip_mode=ClipMode.DYNAMIC)
-    assert layer.scale is None and {n for n, _ in layer.named_parameters()} == {"weight", "lora_a", "lora_b", "magnitude"}
+    assert layer.scale is None and {n for n, _ in layer.named_parameters()} == {
+        "weight",
+        "lora_a",
+        "lora_b",
+        "magnitude",
+    }
     with torch.no_grad():
         layer.lora_b.normal_()
     merged = layer.merged_weight()

@@ -12,10 +12,16 @@ def inputs(dtype, k=96, n=24, g=64, r=4, magnitude=True, bias=True):
     w = torch.randn(n, k, dtype=dtype) * 0.1
     scale, offset = minmax_scale_offset(w, 3, g)
     scale = scale * 0.7  # some weights outside the clip range, so every branch is exercised
-    t = dict(x=torch.randn(2, 5, k, dtype=dtype), weight=w, lora_a=torch.randn(r, k, dtype=dtype) * 0.1,
-             lora_b=torch.randn(n, r, dtype=dtype) * 0.1, scale=scale, offset=offset,
-             magnitude=(torch.rand_like(scale) + 0.5) if magnitude else None,
-             bias=torch.randn(n, dtype=dtype) if bias else None)
+    t = dict(
+        x=torch.randn(2, 5, k, dtype=dtype),
+        weight=w,
+        lora_a=torch.randn(r, k, dtype=dtype) * 0.1,
+        lora_b=torch.randn(n, r, dtype=dtype) * 0.1,
+        scale=scale,
+        offset=offset,
+        magnitude=(torch.rand_like(scale) + 0.5) if magnitude else None,
+        bias=torch.randn(n, dtype=dtype) if bias else None,
+    )
     for key in ("x", "lora_a", "lora_b", "scale", "offset", "magnitude", "bias"):
         if t[key] is not None:
             t[key].requires_grad_(True)
@@ -29,8 +35,9 @@ def reference(t, g, scaling=2.0):
 
 
 def lean(t, g, scaling=2.0):
-    return lean_qlora_linear(t["x"], t["weight"], t["lora_a"], t["lora_b"], t["scale"], t["offset"], t["magnitude"],
-                             t["bias"], scaling, 3, g)
+    return lean_qlora_linear(
+        t["x"], t["weight"], t["lora_a"], t["lora_b"], t["scale"], t["offset"], t["magnitude"], t["bias"], scaling, 3, g
+    )
 
 
 @pytest.mark.parametrize("g", [32, 64, -1])
@@ -56,8 +63,19 @@ def test_gradcheck_smooth_inputs():
     t, g = inputs(torch.float64)
 
     def f(x, magnitude, bias):
-        return lean_qlora_linear(x, t["weight"], t["lora_a"].detach(), t["lora_b"].detach(), t["scale"].detach(),
-                                 t["offset"].detach(), magnitude, bias, 2.0, 3, g)
+        return lean_qlora_linear(
+            x,
+            t["weight"],
+            t["lora_a"].detach(),
+            t["lora_b"].detach(),
+            t["scale"].detach(),
+            t["offset"].detach(),
+            magnitude,
+            bias,
+            2.0,
+            3,
+            g,
+        )
 
     assert torch.autograd.gradcheck(f, (t["x"], t["magnitude"], t["bias"]))
 

@@ -63,8 +63,18 @@ def test_trainable_count_counts_tied_weights_once():
     assert trainable == 0 and total == sum(p.numel() for p in set(model.parameters()))
 
 
-@pytest.mark.parametrize("field,value", [("n_bits", 1), ("group_size", 0), ("rank", 0), ("clip_mode", "sometimes"),
-                                         ("phase1_steps", -1), ("lr", 0.0), ("alpha", -1.0)])
+@pytest.mark.parametrize(
+    "field,value",
+    [
+        ("n_bits", 1),
+        ("group_size", 0),
+        ("rank", 0),
+        ("clip_mode", "sometimes"),
+        ("phase1_steps", -1),
+        ("lr", 0.0),
+        ("alpha", -1.0),
+    ],
+)
 def test_config_errors_name_field_and_value(field, value):
     with pytest.raises(ValueError, match=field) as err:
         DLQATConfig(**{field: value})

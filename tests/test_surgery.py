@@ -14,8 +14,15 @@ def test_default_targets_are_attention_and_mlp_projections(arch):
     model = tiny_model(arch)
     names = prepare(model, DLQATConfig(group_size=32, rank=2))
     assert len(names) == 7 * model.config.num_hidden_layers
-    assert {n.rsplit(".", 1)[-1] for n in names} == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
-                                                      "down_proj"}
+    assert {n.rsplit(".", 1)[-1] for n in names} == {
+        "q_proj",
+        "k_proj",
+        "v_proj",
+        "o_proj",
+        "gate_proj",
+        "up_proj",
+        "down_proj",
+    }
     assert isinstance(model.lm_head, nn.Linear) and not isinstance(model.lm_head, QuantLoRALinear)
     quantized = [m for m in model.modules() if isinstance(m, QuantLoRALinear)]
     assert len(quantized) == len(names)
@@ -26,7 +33,8 @@ def test_all_linear_excludes_the_output_head_and_regex_selects():
     assert len(replace_linears(model, lambda n, m: nn.Identity(), name_filter("all-linear"))) == 14
     model = tiny_model("llama")
     assert replace_linears(model, lambda n, m: nn.Identity(), name_filter(r".*layers\.0\.mlp\.down_proj")) == [
-        "model.layers.0.mlp.down_proj"]
+        "model.layers.0.mlp.down_proj"
+    ]
 
 
 def test_filter_errors_name_the_problem():

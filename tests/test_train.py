@@ -27,9 +27,19 @@ def fresh_accelerate_state():
 
 def configs(tiny_model_dir, text_file, out, **overrides):
     method = dict(n_bits=3, group_size=32, rank=4, phase1_steps=3, phase2_steps=12, lr=1e-2, quant_lr=1e-3)
-    run = dict(model=str(tiny_model_dir), data=str(text_file), eval_data=str(text_file), output_dir=str(out),
-               seq_len=32, grad_accum=2, micro_batch_size=2, eval_seq_len=32, eval_max_windows=8, save_every=4,
-               progress=False)
+    run = dict(
+        model=str(tiny_model_dir),
+        data=str(text_file),
+        eval_data=str(text_file),
+        output_dir=str(out),
+        seq_len=32,
+        grad_accum=2,
+        micro_batch_size=2,
+        eval_seq_len=32,
+        eval_max_windows=8,
+        save_every=4,
+        progress=False,
+    )
     for key, value in overrides.items():
         (method if key in method else run)[key] = value
     return DLQATConfig(**method), TrainConfig(**run)
@@ -43,8 +53,15 @@ def test_training_lowers_loss_and_writes_the_run(tiny_model_dir, text_file, tmp_
     assert [r["step"] for r in log] == list(range(1, 16))
     phase2 = [r["loss"] for r in log if r["phase"].startswith("phase2")]
     assert sum(phase2[-3:]) < sum(phase2[:3])
-    for name in ("run_config.json", "results.json", "results.md", "quant_state.safetensors", "checkpoint.pt",
-                 "quantized/model.safetensors", "quantized/dlqat_quant.json"):
+    for name in (
+        "run_config.json",
+        "results.json",
+        "results.md",
+        "quant_state.safetensors",
+        "checkpoint.pt",
+        "quantized/model.safetensors",
+        "quantized/dlqat_quant.json",
+    ):
         assert (tmp_path / "run" / name).is_file(), name
     assert "| dl_qat |" in (tmp_path / "run" / "results.md").read_text()
 
@@ -82,29 +99,94 @@ def test_killed_run_resumes_to_the_same_result(tiny_model_dir, text_file, tmp_pa
 
 def test_cli_train_then_eval_reproduces_the_reported_perplexity(tiny_model_dir, text_file, tmp_path, capsys):
     out = tmp_path / "cli"
-    rc = main(["train", "--model", str(tiny_model_dir), "--data", str(text_file), "--eval_data", str(text_file),
-               "--output_dir", str(out), "--n_bits", "4", "--group_size", "32", "--rank", "2", "--phase1_steps", "1",
-               "--phase2_steps", "2", "--seq_len", "32", "--grad_accum", "1", "--eval_seq_len", "32",
-               "--eval_max_windows", "4", "--no_progress"])
+    rc = main(
+        [
+            "train",
+            "--model",
+            str(tiny_model_dir),
+            "--data",
+            str(text_file),
+            "--eval_data",
+            str(text_file),
+            "--output_dir",
+            str(out),
+            "--n_bits",
+            "4",
+            "--group_size",
+            "32",
+            "--rank",
+            "2",
+            "--phase1_steps",
+            "1",
+            "--phase2_steps",
+            "2",
+            "--seq_len",
+            "32",
+            "--grad_accum",
+            "1",
+            "--eval_seq_len",
+            "32",
+            "--eval_max_windows",
+            "4",
+            "--no_progress",
+        ]
+    )
     assert rc == 0 and "| dl_qat |" in capsys.readouterr().out
     reported = json.loads((out / "results.json").read_text())["perplexity"]["dl_qat"]
-    assert main(["eval", str(out), "--eval-data", str(text_file), "--seq-len", "32", "--max-windows", "4",
-                 "--output", str(tmp_path / "e.json")]) == 0
+    assert (
+        main(
+            [
+                "eval",
+                str(out),
+                "--eval-data",
+                str(text_file),
+                "--seq-len",
+                "32",
+                "--max-windows",
+                "4",
+                "--output",
+                str(tmp_path / "e.json"),
+            ]
+        )
+        == 0
+    )
     assert json.loads((tmp_path / "e.json").read_text())["perplexity"]["perplexity"] == reported
     # RTN of the float model through `dlqat eval` equals the run's RTN row
-    assert main(["eval", str(tiny_model_dir), "--rtn-bits", "4", "--group-size", "32", "--eval-data", str(text_file),
-                 "--seq-len", "32", "--max-windows", "4", "--output", str(tmp_path / "r.json")]) == 0
+    assert (
+        main(
+            [
+                "eval",
+                str(tiny_model_dir),
+                "--rtn-bits",
+                "4",
+                "--group-size",
+                "32",
+                "--eval-data",
+                str(text_file),
+                "--seq-len",
+                "32",
+                "--max-windows",
+                "4",
+                "--output",
+                str(tmp_path / "r.json"),
+            ]
+        )
+        == 0
+    )
     rtn = json.loads((out / "results.json").read_text())["perplexity"]["rtn"]
     assert json.loads((tmp_path / "r.json").read_text())["perplexity"]["perplexity"] == pytest.approx(rtn, rel=1e-6)
 
 
-@pytest.mark.parametrize("argv,needle", [
-    (["train", "--n_bits", "9"], "n_bits=9"),
-    (["train", "--clip_mode", "never"], "clip_mode='never'"),
-    (["train", "--grad_accum", "0"], "grad_accum=0"),
-    (["train", "--model", "/nonexistent/model.gguf"], "model='/nonexistent/model.gguf'"),
-    (["eval", "/nonexistent/run", "--eval-data", "/nonexistent/x.txt", "--rtn-bits", "4"], "nonexistent"),
-])
+@pytest.mark.parametrize(
+    "argv,needle",
+    [
+        (["train", "--n_bits", "9"], "n_bits=9"),
+        (["train", "--clip_mode", "never"], "clip_mode='never'"),
+        (["train", "--grad_accum", "0"], "grad_accum=0"),
+        (["train", "--model", "/nonexistent/model.gguf"], "model='/nonexistent/model.gguf'"),
+        (["eval", "/nonexistent/run", "--eval-data", "/nonexistent/x.txt", "--rtn-bits", "4"], "nonexistent"),
+    ],
+)
 def test_cli_errors_name_the_field_and_value(argv, needle, capsys, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     assert main(argv) == 2
@@ -112,15 +194,21 @@ def test_cli_errors_name_the_field_and_value(argv, needle, capsys, tmp_path, mon
 
 
 def test_python_dash_m_entry_point():
-    done = subprocess.run([sys.executable, "-m", "dlqat", "train", "--help"], capture_output=True, text=True,
-                          env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    done = subprocess.run(
+        [sys.executable, "-m", "dlqat", "train", "--help"],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONWARNINGS": "ignore"},
+    )
     assert done.returncode == 0 and "--group_size" in done.stdout
 
 
 def test_gradient_checkpointing_gives_the_same_training(tiny_model_dir, text_file, tmp_path, monkeypatch):
     recomputed = []
     real = QuantLoRALinear.forward
-    monkeypatch.setattr(QuantLoRALinear, "forward", lambda self, x: recomputed.append(torch.is_grad_enabled()) or real(self, x))
+    monkeypatch.setattr(
+        QuantLoRALinear, "forward", lambda self, x: recomputed.append(torch.is_grad_enabled()) or real(self, x)
+    )
     train(*configs(tiny_model_dir, text_file, tmp_path / "plain", phase2_steps=3))
     AcceleratorState._reset_state(True)
     GradientState._reset_state()

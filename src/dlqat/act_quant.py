@@ -17,13 +17,18 @@ _QUANT_LAYERS = (QuantLoRALinear, QALoRALinear, QuantizedLinear)
 KV_PROJECTIONS = ("k_proj", "v_proj")
 
 
-def install_act_quant(model: nn.Module, act_bits: int | None = None, kv_bits: int | None = None) -> list[RemovableHandle]:
+def install_act_quant(
+    model: nn.Module, act_bits: int | None = None, kv_bits: int | None = None
+) -> list[RemovableHandle]:
     """Add the hooks; returns their handles (``handle.remove()`` switches them off)."""
     handles = []
     for name, module in model.named_modules():
         if act_bits is not None and isinstance(module, (*_QUANT_LAYERS, nn.Linear)) and _is_quantized(module):
-            handles.append(module.register_forward_pre_hook(
-                lambda _m, args: (fake_quantize_per_token(args[0], act_bits), *args[1:])))
+            handles.append(
+                module.register_forward_pre_hook(
+                    lambda _m, args: (fake_quantize_per_token(args[0], act_bits), *args[1:])
+                )
+            )
         if kv_bits is not None and name.rsplit(".", 1)[-1] in KV_PROJECTIONS:
             handles.append(module.register_forward_hook(lambda _m, _args, out: fake_quantize_per_token(out, kv_bits)))
     if (act_bits is not None or kv_bits is not None) and not handles:

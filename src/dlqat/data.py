@@ -109,14 +109,21 @@ def tokenize_instructions(
         if any(label != IGNORE_INDEX for label in labels[1:]):  # something left to learn after truncation
             examples.append({"input_ids": ids, "labels": list(labels)})
     if len(examples) < len(records):
-        log.warning("%d of %d records dropped: no response token left within seq_len=%d",
-                    len(records) - len(examples), len(records), seq_len)
+        log.warning(
+            "%d of %d records dropped: no response token left within seq_len=%d",
+            len(records) - len(examples),
+            len(records),
+            seq_len,
+        )
     return examples
 
 
 def chunk_tokens(ids: list[int], seq_len: int) -> list[Example]:
     """Non-overlapping ``seq_len`` blocks of one token stream (the tail shorter than a block is dropped)."""
-    return [{"input_ids": ids[i : i + seq_len], "labels": ids[i : i + seq_len]} for i in range(0, len(ids) - seq_len + 1, seq_len)]
+    return [
+        {"input_ids": ids[i : i + seq_len], "labels": ids[i : i + seq_len]}
+        for i in range(0, len(ids) - seq_len + 1, seq_len)
+    ]
 
 
 def tokenize_text(text: str, tokenizer: PreTrainedTokenizerBase) -> list[int]:
@@ -133,8 +140,9 @@ def load_examples(
     elif path.suffix in TEXT_SUFFIXES:
         examples = chunk_tokens(tokenize_text(read_text(path), tokenizer), seq_len)
     elif path.exists():
-        raise DataError(f"{path}: unknown data file type {path.suffix!r}; expected one of "
-                        f"{sorted(JSON_SUFFIXES | TEXT_SUFFIXES)}")
+        raise DataError(
+            f"{path}: unknown data file type {path.suffix!r}; expected one of {sorted(JSON_SUFFIXES | TEXT_SUFFIXES)}"
+        )
     else:
         examples = _load_hub_dataset(str(source), tokenizer, seq_len, train_on_prompt)
     if not examples:
@@ -182,8 +190,10 @@ def micro_batch_indices(
     """
     per_step = micro_batch_size * world_size
     if n_examples < per_step:
-        raise DataError(f"{n_examples} training examples cannot fill one step of {per_step} "
-                        f"(micro_batch_size={micro_batch_size} x {world_size} processes)")
+        raise DataError(
+            f"{n_examples} training examples cannot fill one step of {per_step} "
+            f"(micro_batch_size={micro_batch_size} x {world_size} processes)"
+        )
     steps_per_epoch = n_examples // per_step
     epoch, step = divmod(start, steps_per_epoch)
     while True:

@@ -74,9 +74,7 @@ def source_gguf(spec: str | None) -> str | None:
     return str(Path(spec).resolve()) if spec.endswith(".gguf") else None
 
 
-def load_model(
-    spec: str | None, dtype: torch.dtype = torch.float32
-) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+def load_model(spec: str | None, dtype: torch.dtype = torch.float32) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Model (eval mode, given dtype) and tokenizer (with a pad token) from a hub id, folder or GGUF."""
     path = resolve_model_path(spec)
     try:

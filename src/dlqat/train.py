@@ -36,27 +36,50 @@ log = logging.getLogger(__name__)
 
 CHECKPOINT = "checkpoint.pt"
 # Used when no model and no data are given (the embedded demo): finishes in minutes on 2 CPU cores.
-DEMO_DEFAULTS = {"phase1_steps": 20, "phase2_steps": 40, "steps": 60, "seq_len": 256, "grad_accum": 4, "eval_max_windows": 8,
-                 "eval_seq_len": 512}
-PAPER_DEFAULTS = {"phase1_steps": 1000, "phase2_steps": 1000, "steps": 2000, "seq_len": 1024, "grad_accum": 16,
-                  "eval_max_windows": None, "eval_seq_len": 2048}
+DEMO_DEFAULTS = {
+    "phase1_steps": 20,
+    "phase2_steps": 40,
+    "steps": 60,
+    "seq_len": 256,
+    "grad_accum": 4,
+    "eval_max_windows": 8,
+    "eval_seq_len": 512,
+}
+PAPER_DEFAULTS = {
+    "phase1_steps": 1000,
+    "phase2_steps": 1000,
+    "steps": 2000,
+    "seq_len": 1024,
+    "grad_accum": 16,
+    "eval_max_windows": None,
+    "eval_seq_len": 2048,
+}
 
 
 @dataclass
 class TrainConfig:
     """Run settings shared by every method."""
 
-    model: str | None = field(default=None, metadata={"help": "hub id, local HF folder, or .gguf file; "
-                                                        "default: the embedded SmolLM2-135M"})
-    data: str | None = field(default=None, metadata={"help": "training data: Alpaca .json/.jsonl, text "
-                                                      "(.txt/.utf8/.md) or a hub dataset; default: embedded C4 text"})
-    eval_data: str | None = field(default=None, metadata={"help": "held-out text file for perplexity; "
-                                                           "default: embedded Wikipedia text"})
+    model: str | None = field(
+        default=None, metadata={"help": "hub id, local HF folder, or .gguf file; default: the embedded SmolLM2-135M"}
+    )
+    data: str | None = field(
+        default=None,
+        metadata={
+            "help": "training data: Alpaca .json/.jsonl, text "
+            "(.txt/.utf8/.md) or a hub dataset; default: embedded C4 text"
+        },
+    )
+    eval_data: str | None = field(
+        default=None, metadata={"help": "held-out text file for perplexity; default: embedded Wikipedia text"}
+    )
     output_dir: str = field(default="runs/dlqat", metadata={"help": "run folder (config, checkpoints, model, results)"})
     seq_len: int | None = field(default=None, metadata={"help": "training tokens per example; default 1024 (256 demo)"})
     micro_batch_size: int = field(default=1, metadata={"help": "examples per forward pass per process"})
-    grad_accum: int | None = field(default=None, metadata={"help": "micro-batches per optimizer step; "
-                                                           "default 16 (effective batch 16; 4 in the demo)"})
+    grad_accum: int | None = field(
+        default=None,
+        metadata={"help": "micro-batches per optimizer step; default 16 (effective batch 16; 4 in the demo)"},
+    )
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
     max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping norm (0 = off)"})
     seed: int = field(default=42, metadata={"help": "seed for init and data order"})
@@ -64,12 +87,15 @@ class TrainConfig:
     save_every: int = field(default=50, metadata={"help": "checkpoint every N optimizer steps"})
     resume: bool = field(default=False, metadata={"help": "continue from output_dir/checkpoint.pt"})
     eval_seq_len: int | None = field(default=None, metadata={"help": "perplexity window; default 2048 (512 demo)"})
-    eval_max_windows: int | None = field(default=None, metadata={"help": "cap on perplexity windows; "
-                                                                 "default all (8 in the demo)"})
+    eval_max_windows: int | None = field(
+        default=None, metadata={"help": "cap on perplexity windows; default all (8 in the demo)"}
+    )
     mixed_precision: str = field(default="auto", metadata={"help": "auto (bf16 on GPU, fp32 on CPU), no, bf16, fp16"})
     gradient_checkpointing: bool = field(default=False, metadata={"help": "recompute decoder layers in backward"})
-    act_bits: int | None = field(default=None, metadata={"help": "fake-quantize the inputs of quantized linears "
-                                                         "per token at these bits (W4A8KV8: 8)"})
+    act_bits: int | None = field(
+        default=None,
+        metadata={"help": "fake-quantize the inputs of quantized linears per token at these bits (W4A8KV8: 8)"},
+    )
     kv_bits: int | None = field(default=None, metadata={"help": "fake-quantize k/v projections per token (KV8: 8)"})
     progress: bool = field(default=True, metadata={"help": "show progress bars"})
 
@@ -118,13 +144,17 @@ _QUANT_KINDS = ("lora_a", "lora_b", "magnitude", "scale", "offset")
 
 def _quant_state(model: torch.nn.Module, schedule: list[Phase] = ()) -> dict[str, torch.Tensor]:
     """Every tensor a method trains (A, B, m, scale, offset; full-weight QAT: the weights), by name."""
-    return {n: p.detach().cpu().clone() for n, p in model.named_parameters()
-            if n.rsplit(".", 1)[-1] in _QUANT_KINDS or any(phase.trains(n) for phase in schedule)}
+    return {
+        n: p.detach().cpu().clone()
+        for n, p in model.named_parameters()
+        if n.rsplit(".", 1)[-1] in _QUANT_KINDS or any(phase.trains(n) for phase in schedule)
+    }
 
 
 def _batches(examples, cfg: TrainConfig, pad_id: int, start: int, accelerator: Accelerator) -> Iterator[dict]:
-    indices = micro_batch_indices(len(examples), cfg.micro_batch_size, cfg.seed, start,
-                                  accelerator.process_index, accelerator.num_processes)
+    indices = micro_batch_indices(
+        len(examples), cfg.micro_batch_size, cfg.seed, start, accelerator.process_index, accelerator.num_processes
+    )
     for idx in indices:
         yield {k: v.to(accelerator.device) for k, v in collate([examples[i] for i in idx], pad_id).items()}
 
@@ -144,14 +174,16 @@ def train(method_cfg: QuantMethodConfig, cfg: TrainConfig) -> dict:
     if mixed == "auto":
         mixed = "bf16" if torch.cuda.is_available() else "no"
     # cpu=True lets Accelerate run several CPU processes (gloo) under torchrun; GPUs are used when present.
-    accelerator = Accelerator(gradient_accumulation_steps=cfg.grad_accum, mixed_precision=mixed,
-                              cpu=not torch.cuda.is_available())
+    accelerator = Accelerator(
+        gradient_accumulation_steps=cfg.grad_accum, mixed_precision=mixed, cpu=not torch.cuda.is_available()
+    )
     main = accelerator.is_main_process
     set_seed(cfg.seed)
     out.mkdir(parents=True, exist_ok=True)
     if main:
-        (out / "run_config.json").write_text(json.dumps({"method": label, "method_config": method_cfg.to_dict(),
-                                                         "train_config": asdict(cfg)}, indent=2))
+        (out / "run_config.json").write_text(
+            json.dumps({"method": label, "method_config": method_cfg.to_dict(), "train_config": asdict(cfg)}, indent=2)
+        )
 
     model, tokenizer = load_model(cfg.model)  # fp32 master weights; bf16 comes from autocast
     model.to(accelerator.device)
@@ -164,8 +196,9 @@ def train(method_cfg: QuantMethodConfig, cfg: TrainConfig) -> dict:
     eval_source = cfg.eval_data or str(resources.default_eval_text())
     examples = load_examples(train_source, tokenizer, cfg.seq_len, cfg.train_on_prompt)
     eval_ids = tokenize_text(read_text(eval_source), tokenizer)
-    log.info("train data %s: %d examples; eval text %s: %d tokens", train_source, len(examples), eval_source,
-             len(eval_ids))
+    log.info(
+        "train data %s: %d examples; eval text %s: %d tokens", train_source, len(examples), eval_source, len(eval_ids)
+    )
 
     ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False) if cfg.resume else None
     results = ckpt["results"] if ckpt else {"perplexity": {}}
@@ -174,8 +207,9 @@ def train(method_cfg: QuantMethodConfig, cfg: TrainConfig) -> dict:
         if label in results["perplexity"] or not main:
             return
         with accelerator.autocast():
-            res = perplexity(model, eval_ids, cfg.eval_seq_len, cfg.eval_max_windows, Path(eval_source).name,
-                             progress=cfg.progress)
+            res = perplexity(
+                model, eval_ids, cfg.eval_seq_len, cfg.eval_max_windows, Path(eval_source).name, progress=cfg.progress
+            )
         results["perplexity"][label] = res.perplexity
         results["eval"] = res.describe()
         log.info("perplexity %-8s %.3f  (%s)", label, res.perplexity, res.describe())
@@ -190,8 +224,10 @@ def train(method_cfg: QuantMethodConfig, cfg: TrainConfig) -> dict:
     if ckpt:
         _, unexpected = model.load_state_dict(ckpt["quant_state"], strict=False)
         if unexpected:
-            raise ValueError(f"{ckpt_path}: checkpoint holds tensors this model does not have: {unexpected[:4]}; "
-                             "was it written with other --target_modules/--clip_mode settings?")
+            raise ValueError(
+                f"{ckpt_path}: checkpoint holds tensors this model does not have: {unexpected[:4]}; "
+                "was it written with other --target_modules/--clip_mode settings?"
+            )
 
     schedule = method.phases(method_cfg, names)
     trainable = {p.name: sum(t.numel() for n, t in model.named_parameters() if p.trains(n)) for p in schedule}
@@ -230,16 +266,22 @@ def train(method_cfg: QuantMethodConfig, cfg: TrainConfig) -> dict:
                 loss_sum += accelerator.reduce(loss.detach(), "mean").item() / cfg.grad_accum
                 n_tokens += int(batch["attention_mask"].sum()) * accelerator.num_processes
             if not math.isfinite(loss_sum):
-                raise FloatingPointError(f"loss became {loss_sum} at step {step + 1} ({phase.name}); "
-                                         f"the last good checkpoint is {ckpt_path} (lower --lr/--quant-lr and --resume)")
+                raise FloatingPointError(
+                    f"loss became {loss_sum} at step {step + 1} ({phase.name}); "
+                    f"the last good checkpoint is {ckpt_path} (lower --lr/--quant-lr and --resume)"
+                )
             step += 1
             step_times.append(time.perf_counter() - t0)
             tok_s = n_tokens / step_times[-1]
             bar.update(1)
             bar.set_postfix(loss=f"{loss_sum:.4f}", tok_s=f"{tok_s:.0f}")
             if log_file:
-                log_file.write(json.dumps({"step": step, "phase": phase.name, "loss": loss_sum, "lr": phase.lr,
-                                           "tokens_per_s": tok_s}) + "\n")
+                log_file.write(
+                    json.dumps(
+                        {"step": step, "phase": phase.name, "loss": loss_sum, "lr": phase.lr, "tokens_per_s": tok_s}
+                    )
+                    + "\n"
+                )
                 log_file.flush()
             if step % cfg.save_every == 0 or step == total_steps:
                 _save_checkpoint(accelerator, model, optimizer, step, phase, results, ckpt_path, schedule)
@@ -250,7 +292,9 @@ def train(method_cfg: QuantMethodConfig, cfg: TrainConfig) -> dict:
     model = accelerator.unwrap_model(model)
     model.eval()
     if main:
-        save_file({k: v.contiguous() for k, v in _quant_state(model, schedule).items()}, out / "quant_state.safetensors")
+        save_file(
+            {k: v.contiguous() for k, v in _quant_state(model, schedule).items()}, out / "quant_state.safetensors"
+        )
         if hasattr(method, "finalize"):
             calibration = [collate([e], tokenizer.pad_token_id)["input_ids"].to(accelerator.device) for e in examples]
             with torch.no_grad():
@@ -261,9 +305,15 @@ def train(method_cfg: QuantMethodConfig, cfg: TrainConfig) -> dict:
         install_act_quant(model, cfg.act_bits, cfg.kv_bits)
         save_quantized(model, tokenizer, out / "quantized", layers, source_gguf=source_gguf(cfg.model))
         evaluate(label)
-        results["settings"] = {"method": label, "n_bits": method_cfg.n_bits, "group_size": method_cfg.group_size,
-                               "act_bits": cfg.act_bits, "kv_bits": cfg.kv_bits,
-                               "rank": getattr(method_cfg, "rank", None), "steps": total_steps}
+        results["settings"] = {
+            "method": label,
+            "n_bits": method_cfg.n_bits,
+            "group_size": method_cfg.group_size,
+            "act_bits": cfg.act_bits,
+            "kv_bits": cfg.kv_bits,
+            "rank": getattr(method_cfg, "rank", None),
+            "steps": total_steps,
+        }
         results["seconds_per_step"] = sum(step_times) / len(step_times) if step_times else None
         results["peak_memory_mb"] = _peak_memory_mb()
         write_results(results, out)
@@ -293,8 +343,13 @@ def _start_phase(accelerator: Accelerator, model, phase: Phase, cfg: TrainConfig
 def _save_checkpoint(accelerator, model, optimizer, step, phase, results, path: Path, schedule) -> None:
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        state = {"step": step, "phase": phase.name, "quant_state": _quant_state(accelerator.unwrap_model(model), schedule),
-                 "optimizer": optimizer.state_dict(), "results": results}
+        state = {
+            "step": step,
+            "phase": phase.name,
+            "quant_state": _quant_state(accelerator.unwrap_model(model), schedule),
+            "optimizer": optimizer.state_dict(),
+            "results": results,
+        }
         _atomic_torch_save(state, path)
 
 
@@ -302,9 +357,15 @@ def write_results(results: dict, out: Path) -> None:
     """``results.json`` and a Markdown table ``results.md``."""
     (out / "results.json").write_text(json.dumps(results, indent=2))
     s = results.get("settings", {})
-    lines = [f"# Perplexity: {s.get('method')} W{s.get('n_bits')} g{s.get('group_size')}, rank {s.get('rank')}, "
-             f"{s.get('steps')} steps",
-             "", f"{results.get('eval', '')}", "", "| model | perplexity |", "|---|---|"]
+    lines = [
+        f"# Perplexity: {s.get('method')} W{s.get('n_bits')} g{s.get('group_size')}, rank {s.get('rank')}, "
+        f"{s.get('steps')} steps",
+        "",
+        f"{results.get('eval', '')}",
+        "",
+        "| model | perplexity |",
+        "|---|---|",
+    ]
     lines += [f"| {k} | {v:.3f} |" for k, v in results["perplexity"].items()]
     base = results["base_params"]
     lines += ["", f"trainable parameters (of {base:,}):"]

@@ -27,8 +27,10 @@ class PerplexityResult:
     source: str
 
     def describe(self) -> str:
-        return (f"token-level ppl, {self.windows} non-overlapping windows of {self.seq_len} tokens "
-                f"(stride {self.seq_len}), {self.tokens} predicted tokens of {self.source}")
+        return (
+            f"token-level ppl, {self.windows} non-overlapping windows of {self.seq_len} tokens "
+            f"(stride {self.seq_len}), {self.tokens} predicted tokens of {self.source}"
+        )
 
     def to_dict(self) -> dict:
         return asdict(self)

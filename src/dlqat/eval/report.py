@@ -52,13 +52,15 @@ def evaluate_model(args) -> dict:
     if not args.no_ppl:
         source = args.eval_data or str(resources.default_eval_text())
         with torch.no_grad():
-            ppl = perplexity(model, tokenize_text(read_text(source), tokenizer), args.seq_len, args.max_windows,
-                             Path(source).name)
+            ppl = perplexity(
+                model, tokenize_text(read_text(source), tokenizer), args.seq_len, args.max_windows, Path(source).name
+            )
         result["perplexity"] = {"kind": "token-level", **ppl.to_dict(), "description": ppl.describe()}
     if args.tasks:
         tasks = COMMON_SENSE if args.tasks == "commonsense" else [t for t in args.tasks.split(",") if t]
-        result.update(evaluate_tasks(model, tokenizer, tasks, args.limit, args.num_fewshot, args.batch_size,
-                                     args.task_source))
+        result.update(
+            evaluate_tasks(model, tokenizer, tasks, args.limit, args.num_fewshot, args.batch_size, args.task_source)
+        )
     return result
 
 
@@ -84,8 +86,10 @@ def markdown(results: list[dict]) -> str:
             break
     settings = next((r["settings"] for r in results if "settings" in r), None)
     if settings:
-        notes.append(f"Tasks: lm-eval-harness, limit {settings['limit']} per task, {settings['num_fewshot'] or 0}-shot, "
-                     f"{settings['task_source']} data, split: {settings['split']}; accuracies in %.")
+        notes.append(
+            f"Tasks: lm-eval-harness, limit {settings['limit']} per task, {settings['num_fewshot'] or 0}-shot, "
+            f"{settings['task_source']} data, split: {settings['split']}; accuracies in %."
+        )
     return "\n".join(lines + [""] + notes) + "\n"
 
 
@@ -131,8 +135,10 @@ def _plot(results: list[dict], path: Path) -> None:
         ax = axes[0][1]
         width = 0.8 / len(results)
         for i, r in enumerate(results):
-            accs = [100 * r.get("tasks", {}).get(t, {}).get("acc_norm", r.get("tasks", {}).get(t, {}).get("acc", 0))
-                    for t in tasks]
+            accs = [
+                100 * r.get("tasks", {}).get(t, {}).get("acc_norm", r.get("tasks", {}).get(t, {}).get("acc", 0))
+                for t in tasks
+            ]
             ax.bar([j + i * width for j in range(len(tasks))], accs, width, label=r["model"])
         ax.set_xticks([j + width * (len(results) - 1) / 2 for j in range(len(tasks))], tasks, rotation=20)
         ax.set_ylabel("accuracy % (acc_norm where defined)")

@@ -63,25 +63,45 @@ def write_local_tasks(tasks: list[str], out_dir: Path) -> tuple[list[str], dict[
             for subject in subjects:
                 entry = index[f"mmlu_{subject}"]
                 folder = root / "hails" / "mmlu_no_train" / subject
-                name = _write(out_dir, entry, f"mmlu_{subject}", {"test": _arrow(folder / "test"),
-                                                                    "dev": _arrow(folder / "dev")},
-                              {"test_split": "test", "fewshot_split": "dev", "validation_split": None})
+                name = _write(
+                    out_dir,
+                    entry,
+                    f"mmlu_{subject}",
+                    {"test": _arrow(folder / "test"), "dev": _arrow(folder / "dev")},
+                    {"test_split": "test", "fewshot_split": "dev", "validation_split": None},
+                )
                 names.append(name)
                 categories[name] = entry.cfg["tag"].removeprefix("mmlu_").removesuffix("_tasks")
             continue
         if task not in LOCAL_TASKS:
-            raise ValueError(f"task {task!r} has no local copy; local tasks: {sorted(LOCAL_TASKS) + ['mmlu']} "
-                             "(use --task-source hub for any lm-eval task)")
+            raise ValueError(
+                f"task {task!r} has no local copy; local tasks: {sorted(LOCAL_TASKS) + ['mmlu']} "
+                "(use --task-source hub for any lm-eval task)"
+            )
         folder = root / LOCAL_TASKS[task] / "validation"
-        names.append(_write(out_dir, index[task], task, {"validation": _arrow(folder)},
-                            {"validation_split": "validation", "test_split": None, "fewshot_split": "validation"}))
+        names.append(
+            _write(
+                out_dir,
+                index[task],
+                task,
+                {"validation": _arrow(folder)},
+                {"validation_split": "validation", "test_split": None, "fewshot_split": "validation"},
+            )
+        )
     return names, categories
 
 
 def _write(out_dir: Path, entry, task: str, data_files: dict, splits: dict) -> str:
     name = f"{task}_local"
-    cfg = {"include": str(entry.yaml_path), "task": name, "dataset_path": "arrow", "dataset_name": None,
-           "dataset_kwargs": {"data_files": data_files}, "training_split": None, **splits}
+    cfg = {
+        "include": str(entry.yaml_path),
+        "task": name,
+        "dataset_path": "arrow",
+        "dataset_name": None,
+        "dataset_kwargs": {"data_files": data_files},
+        "training_split": None,
+        **splits,
+    }
     (out_dir / f"{name}.yaml").write_text(yaml.safe_dump(cfg))
     return name
 
@@ -115,16 +135,23 @@ def evaluate_tasks(
         else:
             names, manager = list(tasks), TaskManager()
         lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
-        out = lm_eval.simple_evaluate(model=lm, tasks=names, limit=limit, num_fewshot=num_fewshot,
-                                      task_manager=manager, log_samples=False)
+        out = lm_eval.simple_evaluate(
+            model=lm, tasks=names, limit=limit, num_fewshot=num_fewshot, task_manager=manager, log_samples=False
+        )
     results = {}
     for name, metrics in out["results"].items():
         clean = {k.split(",")[0]: v for k, v in metrics.items() if "," in k and "stderr" not in k}
         clean["n"] = metrics.get("sample_len")
         results[name.removesuffix("_local")] = clean
-    report = {"tasks": {k: v for k, v in results.items() if not k.startswith("mmlu_")},
-              "settings": {"limit": limit, "num_fewshot": num_fewshot, "task_source": task_source,
-                           "split": "validation (MMLU: test)" if task_source == "local" else "lm-eval default"}}
+    report = {
+        "tasks": {k: v for k, v in results.items() if not k.startswith("mmlu_")},
+        "settings": {
+            "limit": limit,
+            "num_fewshot": num_fewshot,
+            "task_source": task_source,
+            "split": "validation (MMLU: test)" if task_source == "local" else "lm-eval default",
+        },
+    }
     if categories:
         report["mmlu"] = mmlu_summary({k.removesuffix("_local"): v for k, v in categories.items()}, results)
     return report

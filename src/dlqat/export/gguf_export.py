@@ -70,7 +70,9 @@ def export_gguf(model: nn.Module, tokenizer, out_path: str | Path, template: str
     reader = gguf.GGUFReader(template) if template else None
     arch = reader.fields["general.architecture"].contents() if reader else _hf_arch(config)
     name_map = gguf.get_tensor_name_map(_arch_enum(arch), config.num_hidden_layers)
-    permute_heads = {"q_proj": config.num_attention_heads, "k_proj": config.num_key_value_heads} if arch == "llama" else {}
+    permute_heads = (
+        {"q_proj": config.num_attention_heads, "k_proj": config.num_key_value_heads} if arch == "llama" else {}
+    )
     tmp = out_path.with_name(out_path.name + ".tmp")
     writer = gguf.GGUFWriter(tmp, arch)
     if reader:
@@ -90,7 +92,9 @@ def export_gguf(model: nn.Module, tokenizer, out_path: str | Path, template: str
             raise ValueError(f"no GGUF tensor name for {name!r} in architecture {arch!r}")
         data = q4_1_bytes(layer.codes(), layer.scale, layer.offset, layer.group_size)
         heads = permute_heads.get(name.rsplit(".", 1)[-1])
-        writer.add_tensor(gname, _llama_permute(data, heads) if heads else data, raw_dtype=gguf.GGMLQuantizationType.Q4_1)
+        writer.add_tensor(
+            gname, _llama_permute(data, heads) if heads else data, raw_dtype=gguf.GGMLQuantizationType.Q4_1
+        )
         written.add(gname)
         if layer.bias is not None:
             writer.add_tensor(gname.replace(".weight", ".bias"), layer.bias.float().numpy())
@@ -114,7 +118,9 @@ def _other_tensors(model, name_map, template_tensors, written):
         return
     seen = set()
     for name, param in model.named_parameters():
-        if id(param) in seen or name.rsplit(".", 1)[0] in {n for n, m in model.named_modules() if isinstance(m, QuantizedLinear)}:
+        if id(param) in seen or name.rsplit(".", 1)[0] in {
+            n for n, m in model.named_modules() if isinstance(m, QuantizedLinear)
+        }:
             continue
         seen.add(id(param))
         tname = name_map.get_name(name, try_suffixes=(".weight", ".bias"))
@@ -135,8 +141,10 @@ def _copy_metadata(reader: gguf.GGUFReader, writer: gguf.GGUFWriter) -> None:
 
 def _hf_arch(config) -> str:
     if config.model_type not in ("llama", "mistral"):
-        raise ValueError(f"GGUF export without a template supports Llama-architecture models, not "
-                         f"{config.model_type!r}; pass --template with a GGUF of the base model")
+        raise ValueError(
+            f"GGUF export without a template supports Llama-architecture models, not "
+            f"{config.model_type!r}; pass --template with a GGUF of the base model"
+        )
     return "llama"
 
 
@@ -177,7 +185,10 @@ def _write_llama_metadata(writer: gguf.GGUFWriter, config, tokenizer) -> None:
     writer.add_token_list(tokens)
     writer.add_token_types(types)
     writer.add_token_merges(merges)
-    for key, token_id in (("bos", tokenizer.bos_token_id), ("eos", tokenizer.eos_token_id),
-                          ("pad", tokenizer.pad_token_id)):
+    for key, token_id in (
+        ("bos", tokenizer.bos_token_id),
+        ("eos", tokenizer.eos_token_id),
+        ("pad", tokenizer.pad_token_id),
+    ):
         if token_id is not None:
             getattr(writer, f"add_{key}_token_id")(token_id)

@@ -42,6 +42,7 @@ def convert(model: nn.Module) -> dict[str, dict]:
     The lifecycle's last step: the result has no trainable quantization state and computes the same
     outputs. Returns ``{name: {"n_bits", "group_size"}}`` of all quantized layers.
     """
+
     def make(_name: str, layer: nn.Module) -> QuantizedLinear:
         q, scale, offset = layer.to_codes()
         return QuantizedLinear.from_codes(q, scale, offset, layer.n_bits, layer.group_size, layer.bias)
@@ -59,8 +60,11 @@ def convert(model: nn.Module) -> dict[str, dict]:
 
 def quantized_layers(model: nn.Module) -> dict[str, dict]:
     """``{name: {"n_bits", "group_size"}}`` of a converted model's ``QuantizedLinear`` layers."""
-    return {n: {"n_bits": m.n_bits, "group_size": m.group_size} for n, m in model.named_modules()
-            if isinstance(m, QuantizedLinear)}
+    return {
+        n: {"n_bits": m.n_bits, "group_size": m.group_size}
+        for n, m in model.named_modules()
+        if isinstance(m, QuantizedLinear)
+    }
 
 
 def _unique_state_dict(model: nn.Module, dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
@@ -99,7 +103,9 @@ def save_quantized(
         model.config.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        (tmp / QUANT_FILE).write_text(json.dumps({"format": FORMAT, "source_gguf": source_gguf, "layers": layers}, indent=2))
+        (tmp / QUANT_FILE).write_text(
+            json.dumps({"format": FORMAT, "source_gguf": source_gguf, "layers": layers}, indent=2)
+        )
         save_file(_unique_state_dict(model, dtype), tmp / WEIGHTS_FILE, metadata={"format": FORMAT})
         if out_dir.exists():
             shutil.rmtree(out_dir)
@@ -112,7 +118,9 @@ def save_quantized(
 def read_quant_meta(path: str | Path) -> dict:
     quant_file = Path(path) / QUANT_FILE
     if not quant_file.is_file():
-        raise FileNotFoundError(f"{quant_file}: not found; expected a folder written by `dlqat train` or save_quantized()")
+        raise FileNotFoundError(
+            f"{quant_file}: not found; expected a folder written by `dlqat train` or save_quantized()"
+        )
     meta = json.loads(quant_file.read_text())
     if meta.get("format") != FORMAT:
         raise ValueError(f"{quant_file}: format {meta.get('format')!r} is not {FORMAT!r}")
@@ -136,8 +144,15 @@ def load_quantized(
 
     def make(name: str, linear: nn.Linear) -> QuantizedLinear:
         spec = layers[name]
-        return QuantizedLinear(linear.in_features, linear.out_features, spec["n_bits"], spec["group_size"],
-                               linear.bias is not None, state[f"{name}.scale"].dtype, "meta")
+        return QuantizedLinear(
+            linear.in_features,
+            linear.out_features,
+            spec["n_bits"],
+            spec["group_size"],
+            linear.bias is not None,
+            state[f"{name}.scale"].dtype,
+            "meta",
+        )
 
     replace_linears(model, make, lambda name, module: name in layers)
     missing, unexpected = model.load_state_dict(state, strict=False, assign=True)

@@ -15,10 +15,6 @@ from torch import nn
 from dlqat.quant import apply_magnitude, fake_quantize, minmax_scale_offset, n_groups, quantize
 from dlqat.quant.lean_linear import lean_qlora_linear
 
-
-LEAN_DEFAULT = True
-
-
 class ClipMode(str, Enum):
     """Where the clipping range (scale, offset) comes from (DL-QAT paper, Table 3)."""
 
@@ -54,7 +50,7 @@ class QuantLoRALinear(nn.Module):
         self.clip_mode = ClipMode(clip_mode)
         self.quantize_enabled = True
         # Lean: save only x and small tensors for backward (same outputs and gradients as autograd).
-        self.lean = LEAN_DEFAULT
+        self.lean = True
         weight.requires_grad_(False)
         self.weight, self.bias = weight, bias  # shared with the source linear, not copied
         if bias is not None:
@@ -106,8 +102,19 @@ class QuantLoRALinear(nn.Module):
                     scale, offset = self._minmax(self.merged_weight())
             else:
                 scale, offset = self.scale, self.offset
-            return lean_qlora_linear(x, self.weight, self.lora_a, self.lora_b, scale, offset, self.magnitude,
-                                     self.bias, self.scaling, self.n_bits, self.group_size)
+            return lean_qlora_linear(
+                x,
+                self.weight,
+                self.lora_a,
+                self.lora_b,
+                scale,
+                offset,
+                self.magnitude,
+                self.bias,
+                self.scaling,
+                self.n_bits,
+                self.group_size,
+            )
         w = self.quantized_weight()
         bias = None if self.bias is None else self.bias.to(x.dtype)
         return F.linear(x, w.to(x.dtype), bias)
@@ -128,7 +135,6 @@ class QuantLoRALinear(nn.Module):
             f"group_size={self.group_size}, rank={self.rank}, scaling={self.scaling:g}, "
             f"magnitude={self.magnitude is not None}, clip_mode={self.clip_mode.value}"
         )
-
 
 
 __all__ = ["ClipMode", "QuantLoRALinear"]

@@ -75,8 +75,10 @@ class QuantizedLinear(nn.Module):
         if backend not in BACKENDS:
             raise ValueError(f"backend={backend!r}: expected one of {BACKENDS}")
         if backend == "int4" and not self.int4_ok():
-            raise ValueError(f"backend='int4' cannot take this layer ({self.extra_repr()}, {self.packed.device}): "
-                             f"needs n_bits <= 4, group_size in 32/64/128/256, out_features % 16 == 0")
+            raise ValueError(
+                f"backend='int4' cannot take this layer ({self.extra_repr()}, {self.packed.device}): "
+                f"needs n_bits <= 4, group_size in 32/64/128/256, out_features % 16 == 0"
+            )
         self.backend, self._int4 = backend, None
 
     def int4_ok(self) -> bool:
@@ -97,8 +99,10 @@ class QuantizedLinear(nn.Module):
         return F.linear(x, self.dequantized_weight().to(x.dtype), bias)
 
     def extra_repr(self) -> str:
-        return (f"in={self.in_features}, out={self.out_features}, n_bits={self.n_bits}, "
-                f"group_size={self.group_size}, backend={self.backend}")
+        return (
+            f"in={self.in_features}, out={self.out_features}, n_bits={self.n_bits}, "
+            f"group_size={self.group_size}, backend={self.backend}"
+        )
 
 
 def set_backend(model: nn.Module, backend: str) -> int:

@@ -45,5 +45,18 @@ def method_name(cfg: QuantMethodConfig) -> str:
     return getattr(cfg, "method_name", cfg.method)
 
 
-__all__ = ["DLQATConfig", "FullQATConfig", "L4QConfig", "METHODS", "PTQConfig", "Phase", "QALoRAConfig",
-           "QuantMethodConfig", "count_parameters", "make_config", "method_module", "method_name", "set_trainable"]
+__all__ = [
+    "DLQATConfig",
+    "FullQATConfig",
+    "L4QConfig",
+    "METHODS",
+    "PTQConfig",
+    "Phase",
+    "QALoRAConfig",
+    "QuantMethodConfig",
+    "count_parameters",
+    "make_config",
+    "method_module",
+    "method_name",
+    "set_trainable",
+]

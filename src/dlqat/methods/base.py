@@ -25,8 +25,10 @@ class QuantMethodConfig:
     n_bits: int = field(default=4, metadata={"help": "weight bits, 2..8"})
     group_size: int = field(
         default=128,
-        metadata={"help": "columns per quantization group along the input dim; -1 = per output channel. "
-                  "A ragged last group (in_features not a multiple) is allowed."},
+        metadata={
+            "help": "columns per quantization group along the input dim; -1 = per output channel. "
+            "A ragged last group (in_features not a multiple) is allowed."
+        },
     )
     target_modules: str = field(
         default=DEFAULT_TARGETS,

@@ -40,8 +40,10 @@ class DLQATConfig(QuantMethodConfig):
         metadata={"help": "phase-2 optimizer steps (m, A, B); default 1000, 40 for the demo"},
     )
     lr: float = field(default=2e-4, metadata={"help": "phase-2 learning rate (AdamW, constant)"})
-    quant_lr: float = field(default=1e-4, metadata={"help": "phase-1 learning rate for scale/offset "
-                                                       "(and theirs in phase 2 with clip_mode=joint)"})
+    quant_lr: float = field(
+        default=1e-4,
+        metadata={"help": "phase-1 learning rate for scale/offset (and theirs in phase 2 with clip_mode=joint)"},
+    )
 
     def __post_init__(self) -> None:
         if self.clip_mode not in _CLIP_MODES:
@@ -64,6 +66,7 @@ STARTS_AT_RTN = True
 
 def prepare(model: nn.Module, cfg: DLQATConfig) -> list[str]:
     """Swap the target linears for ``QuantLoRALinear`` in place; returns the replaced names."""
+
     def make(_name: str, linear: nn.Linear) -> QuantLoRALinear:
         return QuantLoRALinear.from_linear(
             linear,

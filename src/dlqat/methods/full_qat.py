@@ -27,8 +27,15 @@ class FullQATConfig(QuantMethodConfig):
 
 def prepare(model: nn.Module, cfg: FullQATConfig) -> list[str]:
     def make(_name: str, linear: nn.Linear) -> QuantLoRALinear:
-        layer = QuantLoRALinear.from_linear(linear, n_bits=cfg.n_bits, group_size=cfg.group_size, rank=1, alpha=1.0,
-                                            use_magnitude=False, clip_mode=ClipMode.DYNAMIC)
+        layer = QuantLoRALinear.from_linear(
+            linear,
+            n_bits=cfg.n_bits,
+            group_size=cfg.group_size,
+            rank=1,
+            alpha=1.0,
+            use_magnitude=False,
+            clip_mode=ClipMode.DYNAMIC,
+        )
         layer.lean = False  # the weight itself needs a gradient: plain autograd
         return layer
 

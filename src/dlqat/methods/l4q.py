@@ -31,12 +31,26 @@ class L4QConfig(QuantMethodConfig):
 
 def prepare(model: nn.Module, cfg: L4QConfig) -> list[str]:
     def make(_name: str, linear: nn.Linear) -> QuantLoRALinear:
-        return QuantLoRALinear.from_linear(linear, n_bits=cfg.n_bits, group_size=cfg.group_size, rank=cfg.rank,
-                                           alpha=cfg.alpha, use_magnitude=False, clip_mode=ClipMode.JOINT)
+        return QuantLoRALinear.from_linear(
+            linear,
+            n_bits=cfg.n_bits,
+            group_size=cfg.group_size,
+            rank=cfg.rank,
+            alpha=cfg.alpha,
+            use_magnitude=False,
+            clip_mode=ClipMode.JOINT,
+        )
 
     return replace_linears(model, make, name_filter(cfg.target_modules))
 
 
 def phases(cfg: L4QConfig, layer_names: list[str] | None = None) -> list[Phase]:
-    return [Phase("l4q: lora_a/lora_b/scale/offset", cfg.steps, cfg.lr, param_of("lora_a", "lora_b", "scale", "offset"),
-                  {"scale": cfg.quant_lr, "offset": cfg.quant_lr})]
+    return [
+        Phase(
+            "l4q: lora_a/lora_b/scale/offset",
+            cfg.steps,
+            cfg.lr,
+            param_of("lora_a", "lora_b", "scale", "offset"),
+            {"scale": cfg.quant_lr, "offset": cfg.quant_lr},
+        )
+    ]

@@ -47,9 +47,17 @@ class PTQConfig(QuantMethodConfig):
 def prepare(model: nn.Module, cfg: PTQConfig) -> list[str]:
     """Float LoRA layers when ``lora_first`` (quantizer off); otherwise just find the targets."""
     if cfg.lora_first:
+
         def make(_name: str, linear: nn.Linear) -> QuantLoRALinear:
-            layer = QuantLoRALinear.from_linear(linear, n_bits=cfg.n_bits, group_size=cfg.group_size, rank=cfg.rank,
-                                                alpha=cfg.alpha, use_magnitude=False, clip_mode=ClipMode.DYNAMIC)
+            layer = QuantLoRALinear.from_linear(
+                linear,
+                n_bits=cfg.n_bits,
+                group_size=cfg.group_size,
+                rank=cfg.rank,
+                alpha=cfg.alpha,
+                use_magnitude=False,
+                clip_mode=ClipMode.DYNAMIC,
+            )
             layer.quantize_enabled = False
             return layer
 
@@ -88,6 +96,7 @@ def collect_hessians(model: nn.Module, names: list[str], batches: list[torch.Ten
             x = args[0].reshape(-1, args[0].shape[-1]).float()
             hessians[name] = hessians.get(name, 0) + 2 * x.t() @ x
             counts[name] = counts.get(name, 0) + x.shape[0]
+
         return fn
 
     handles = [model.get_submodule(n).register_forward_pre_hook(hook(n)) for n in names]

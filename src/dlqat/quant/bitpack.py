@@ -29,7 +29,7 @@ def pack_codes(q: torch.Tensor, n_bits: int) -> torch.Tensor:
     if q.numel() and (q.min() < lo or q.max() > hi):
         raise ValueError(f"codes outside the {n_bits}-bit range [{lo}, {hi}]: min {int(q.min())}, max {int(q.max())}")
     out_features, in_features = q.shape
-    u = (q.to(torch.int64) - lo)  # unsigned codes
+    u = q.to(torch.int64) - lo  # unsigned codes
     pad = -in_features % _RUN
     if pad:
         u = torch.cat([u, u.new_zeros(out_features, pad)], dim=1)
@@ -46,8 +46,10 @@ def unpack_codes(packed: torch.Tensor, n_bits: int, in_features: int) -> torch.T
     check_bits(n_bits)
     out_features = packed.shape[0]
     if packed.shape[1] != packed_width(in_features, n_bits):
-        raise ValueError(f"packed width {packed.shape[1]} does not hold {in_features} {n_bits}-bit codes "
-                         f"(expected {packed_width(in_features, n_bits)} bytes per row)")
+        raise ValueError(
+            f"packed width {packed.shape[1]} does not hold {in_features} {n_bits}-bit codes "
+            f"(expected {packed_width(in_features, n_bits)} bytes per row)"
+        )
     by = packed.view(out_features, -1, n_bits).to(torch.int64)  # (out, runs, n)
     word = (by << (torch.arange(n_bits, device=packed.device) * 8)).sum(-1)  # (out, runs)
     u = (word.unsqueeze(-1) >> (torch.arange(_RUN, device=packed.device) * n_bits)) & ((1 << n_bits) - 1)

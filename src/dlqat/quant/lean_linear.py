@@ -70,7 +70,9 @@ class _LeanQLoRALinear(torch.autograd.Function):
             if ctx.has_bias and need[7]:
                 grad_bias = grad_y.reshape(-1, grad_y.shape[-1]).sum(0)
             if any(need[2:7]):
-                d_w = grad_y.reshape(-1, grad_y.shape[-1]).t().to(merged.dtype) @ x.reshape(-1, x.shape[-1]).to(merged.dtype)
+                d_w = grad_y.reshape(-1, grad_y.shape[-1]).t().to(merged.dtype) @ x.reshape(-1, x.shape[-1]).to(
+                    merged.dtype
+                )
                 d_wg = _group_cols(d_w, ctx.group_size, pad_value=0.0)  # padding gets no gradient
                 del d_w
                 if m is not None and need[6]:
@@ -108,5 +110,6 @@ def lean_qlora_linear(
     Shapes: ``x (..., in)``, ``weight (out, in)`` frozen, ``lora_a (r, in)``, ``lora_b (out, r)``,
     ``scale``/``offset``/``magnitude`` ``(out, n_groups)``.
     """
-    return _LeanQLoRALinear.apply(x, weight, lora_a, lora_b, scale, offset, magnitude, bias, scaling, n_bits,
-                                  group_size)
+    return _LeanQLoRALinear.apply(
+        x, weight, lora_a, lora_b, scale, offset, magnitude, bias, scaling, n_bits, group_size
+    )

@@ -107,9 +107,7 @@ def minmax_scale_offset(w: torch.Tensor, n_bits: int, group_size: int) -> tuple[
     return scale, offset
 
 
-def quantize(
-    w: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, n_bits: int, group_size: int
-) -> torch.Tensor:
+def quantize(w: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, n_bits: int, group_size: int) -> torch.Tensor:
     """Integer codes (as floats) of ``w``; differentiable through the STE.
 
     Gradients: ``w`` gets the identity inside the clip range and zero outside; ``scale`` and
