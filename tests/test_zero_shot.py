@@ -83,3 +83,17 @@ def test_eval_and_report_cli(tiny_model_dir, text_file, tmp_path, capsys):
     table = (tmp_path / "rep.md").read_text()
     assert "RTN W4 g32 A8KV8" in table and "token-level ppl" in table
     assert (tmp_path / "rep.png").stat().st_size > 1000
+
+
+def test_merge_keeps_both_parts():
+    from dlqat.eval.report import markdown, merge_eval
+
+    a = {"model": "m", "perplexity": {"perplexity": 10.0, "description": "d"}, "tasks": {"piqa": {"acc": 0.5}},
+         "settings": {"limit": 100, "num_fewshot": None, "task_source": "local", "split": "validation"}}
+    b = {"model": "m", "tasks": {}, "mmlu": {"average": 0.25},
+         "settings": {"limit": 5, "num_fewshot": 5, "task_source": "local", "split": "test"}}
+    m = merge_eval(a, b)
+    assert m["tasks"] == {"piqa": {"acc": 0.5}} and m["mmlu"]["average"] == 0.25 and m["perplexity"]["perplexity"] == 10
+    table = markdown([m])
+    assert "| 25.0 |" in table and "MMLU: lm-eval-harness, limit 5 per task, 5-shot" in table
+    assert "Tasks: lm-eval-harness, limit 100" in table

@@ -79,9 +79,11 @@ def _eval(argv: list[str]) -> int:
     parser.add_argument("--rtn-bits", type=int, default=None, help="float model only: evaluate RTN at these bits")
     parser.add_argument("--group-size", type=int, default=128, help="with --rtn-bits: group size (-1 per channel)")
     parser.add_argument("--output", default=None, help="JSON result path (default for a run: RUN/eval.json + .md)")
+    parser.add_argument("--append", action="store_true", help="merge into an existing result file (e.g. MMLU with "
+                        "another --limit than the other tasks)")
     args = parser.parse_args(argv)
 
-    from dlqat.eval.report import evaluate_model, write_eval
+    from dlqat.eval.report import evaluate_model, merge_eval, write_eval
 
     result = evaluate_model(args)
     out = (
@@ -89,6 +91,8 @@ def _eval(argv: list[str]) -> int:
         if args.output
         else (Path(args.path) / "eval.json" if args.path and (Path(args.path) / "run_config.json").is_file() else None)
     )
+    if args.append and out is not None and out.is_file():
+        result = merge_eval(json.loads(out.read_text()), result)
     print(write_eval(result, out))
     return 0
 

@@ -84,13 +84,33 @@ def markdown(results: list[dict]) -> str:
         if "perplexity" in r:
             notes.append(f"Perplexity: {r['perplexity']['description']}.")
             break
-    settings = next((r["settings"] for r in results if "settings" in r), None)
-    if settings:
+    for part, settings in _settings(results).items():
         notes.append(
-            f"Tasks: lm-eval-harness, limit {settings['limit']} per task, {settings['num_fewshot'] or 0}-shot, "
+            f"{part}: lm-eval-harness, limit {settings['limit']} per task, {settings['num_fewshot'] or 0}-shot, "
             f"{settings['task_source']} data, split: {settings['split']}; accuracies in %."
         )
     return "\n".join(lines + [""] + notes) + "\n"
+
+
+def merge_eval(old: dict, new: dict) -> dict:
+    """``new`` over ``old``: task results merged; per-part settings kept under ``settings_by_part``."""
+    merged = {**old, **{k: v for k, v in new.items() if k not in ("tasks", "settings")}}
+    merged["tasks"] = {**old.get("tasks", {}), **new.get("tasks", {})}
+    parts = old.get("settings_by_part", {"tasks": old["settings"]} if "settings" in old else {})
+    if "settings" in new:
+        parts["mmlu" if "mmlu" in new else "tasks"] = new["settings"]
+    merged["settings_by_part"] = parts
+    merged.pop("settings", None)
+    return merged
+
+
+def _settings(results: list[dict]) -> dict:
+    for r in results:
+        if "settings_by_part" in r:
+            return {("MMLU" if k == "mmlu" else "Tasks"): v for k, v in r["settings_by_part"].items()}
+        if "settings" in r:
+            return {"Tasks": r["settings"]}
+    return {}
 
 
 def write_eval(result: dict, out: Path | None) -> str:
