@@ -107,3 +107,20 @@ def alpaca_file(tmp_path) -> Path:
     path = tmp_path / "alpaca.json"
     path.write_text(json.dumps(records))
     return path
+
+
+def tiny_args(model_dir: Path, text_file: Path, out: Path, **flags) -> list[str]:
+    """`dlqat train` flags for a seconds-long run of the tiny model on the tiny text (``flags`` override)."""
+    values = {
+        "model": model_dir,
+        "data": text_file,
+        "eval_data": text_file,
+        "output_dir": out,
+        "group_size": 32,
+        "seq_len": 32,
+        "grad_accum": 1,
+        "eval_seq_len": 32,
+        "eval_max_windows": 2,
+        **flags,
+    }
+    return [arg for key, value in values.items() for arg in (f"--{key}", str(value))] + ["--no_progress"]

@@ -5,10 +5,9 @@ import json
 
 import pytest
 import torch
-from accelerate.state import AcceleratorState, GradientState
 from torch import nn
 
-from conftest import tiny_model
+from conftest import tiny_args, tiny_model
 from dlqat.cli import main, parse_train_args
 from dlqat.export import convert
 from dlqat.layers import QuantizedLinear
@@ -71,8 +70,11 @@ def test_gptq_lowers_output_error_on_correlated_inputs(group_size):
     s_rtn, b_rtn = minmax_scale_offset(w, 3, group_size)
     w_rtn = dequantize(quantize(w, s_rtn, b_rtn, 3, group_size), s_rtn, b_rtn, group_size)
     w_gptq = dequantize(q.float(), scale, offset, group_size)
-    err = lambda wq: (x @ (w - wq).t()).pow(2).mean()  # noqa: E731
-    assert err(w_gptq) < 0.7 * err(w_rtn)
+
+    def output_error(wq):
+        return (x @ (w - wq).t()).pow(2).mean()
+
+    assert output_error(w_gptq) < 0.7 * output_error(w_rtn)
 
 
 @pytest.mark.parametrize("algorithm", ["rtn", "gptq"])
@@ -125,8 +127,6 @@ def test_presets_and_method_flags():
 
 @pytest.mark.parametrize("method", sorted(METHODS))
 def test_every_method_runs_from_the_cli(method, tiny_model_dir, text_file, tmp_path):
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
     steps = (
         []
         if method in ("rtn", "gptq")
@@ -139,25 +139,7 @@ def test_every_method_runs_from_the_cli(method, tiny_model_dir, text_file, tmp_p
                 "train",
                 "--method",
                 method,
-                "--model",
-                str(tiny_model_dir),
-                "--data",
-                str(text_file),
-                "--eval_data",
-                str(text_file),
-                "--output_dir",
-                str(out),
-                "--group_size",
-                "32",
-                "--seq_len",
-                "32",
-                "--grad_accum",
-                "1",
-                "--eval_seq_len",
-                "32",
-                "--eval_max_windows",
-                "2",
-                "--no_progress",
+                *tiny_args(tiny_model_dir, text_file, out),
                 *steps,
             ]
         )
@@ -235,8 +217,6 @@ def test_compare_writes_table_csv_and_plot(tiny_model_dir, text_file, tmp_path, 
 
 
 def test_full_qat_checkpoint_holds_the_trained_weights(tiny_model_dir, text_file, tmp_path):
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
     out = tmp_path / "fq"
     assert (
         main(
@@ -244,25 +224,7 @@ def test_full_qat_checkpoint_holds_the_trained_weights(tiny_model_dir, text_file
                 "train",
                 "--method",
                 "full_qat",
-                "--model",
-                str(tiny_model_dir),
-                "--data",
-                str(text_file),
-                "--eval_data",
-                str(text_file),
-                "--output_dir",
-                str(out),
-                "--group_size",
-                "32",
-                "--seq_len",
-                "32",
-                "--grad_accum",
-                "1",
-                "--eval_seq_len",
-                "32",
-                "--eval_max_windows",
-                "2",
-                "--no_progress",
+                *tiny_args(tiny_model_dir, text_file, out),
                 "--steps",
                 "2",
                 "--save_every",

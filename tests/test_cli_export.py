@@ -2,47 +2,21 @@
 
 import pytest
 import torch
-from accelerate.state import AcceleratorState, GradientState
 from transformers import AutoModelForCausalLM
 
+from conftest import tiny_args
 from dlqat.cli import main
 from dlqat.export import load_quantized
 
 
 @pytest.fixture(scope="module")
 def run_dir(tiny_model_dir, text_file, tmp_path_factory):
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
     out = tmp_path_factory.mktemp("run") / "r"
     assert (
         main(
             [
                 "train",
-                "--model",
-                str(tiny_model_dir),
-                "--data",
-                str(text_file),
-                "--eval_data",
-                str(text_file),
-                "--output_dir",
-                str(out),
-                "--group_size",
-                "32",
-                "--rank",
-                "2",
-                "--phase1_steps",
-                "1",
-                "--phase2_steps",
-                "2",
-                "--seq_len",
-                "32",
-                "--grad_accum",
-                "1",
-                "--eval_seq_len",
-                "32",
-                "--eval_max_windows",
-                "2",
-                "--no_progress",
+                *tiny_args(tiny_model_dir, text_file, out, rank=2, phase1_steps=1, phase2_steps=2),
             ]
         )
         == 0
@@ -62,7 +36,10 @@ def test_export_dlqat_fp32_is_exact_and_bf16_is_smaller(run_dir, tmp_path, capsy
     torch.testing.assert_close(logits(load_quantized(tmp_path / "fp32")[0], ids), ref, atol=0, rtol=0)
     assert main(["export", str(run_dir), "--out", str(tmp_path / "bf16")]) == 0
     assert "MiB" in capsys.readouterr().out
-    size = lambda p: (p / "model.safetensors").stat().st_size  # noqa: E731
+
+    def size(folder):
+        return (folder / "model.safetensors").stat().st_size
+
     assert size(tmp_path / "bf16") < 0.75 * size(tmp_path / "fp32")
     bf16 = logits(load_quantized(tmp_path / "bf16", dtype=torch.float32)[0], ids)
     assert (bf16.argmax(-1) == ref.argmax(-1)).float().mean() > 0.9

@@ -9,7 +9,6 @@ import time
 
 import pytest
 import torch
-from accelerate.state import AcceleratorState, GradientState
 from safetensors.torch import load_file
 
 from dlqat.layers import QuantLoRALinear
@@ -136,8 +135,6 @@ def test_kill_9_then_resume_ends_like_an_uninterrupted_run(tiny_model_dir, text_
 
 
 def test_nan_loss_stops_with_a_clear_message_and_keeps_the_checkpoint(tiny_model_dir, text_file, tmp_path, monkeypatch):
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
     calls = {"n": 0}
     real_forward = QuantLoRALinear.forward
 

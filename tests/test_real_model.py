@@ -7,7 +7,6 @@ import importlib.util
 import json
 
 import pytest
-from accelerate.state import AcceleratorState, GradientState
 
 from dlqat.cli import main
 
@@ -21,8 +20,6 @@ pytestmark = [
 
 
 def test_default_demo_runs_on_smollm2(tmp_path, capsys):
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
     out = tmp_path / "demo"
     assert (
         main(

@@ -7,22 +7,14 @@ import sys
 
 import pytest
 import torch
-from accelerate.state import AcceleratorState, GradientState
 from safetensors.torch import load_file
 
 import dlqat.train as train_mod
+from conftest import tiny_args
 from dlqat.cli import main
 from dlqat.layers import QuantLoRALinear
 from dlqat.methods.dl_qat import DLQATConfig
 from dlqat.train import TrainConfig, train
-
-
-@pytest.fixture(autouse=True)
-def fresh_accelerate_state():
-    """Each run builds its own Accelerator; accelerate keeps process-wide state between them."""
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-    yield
 
 
 def configs(tiny_model_dir, text_file, out, **overrides):
@@ -87,8 +79,6 @@ def test_killed_run_resumes_to_the_same_result(tiny_model_dir, text_file, tmp_pa
     assert torch.load(tmp_path / "killed" / "checkpoint.pt", weights_only=False)["step"] == 8
     with pytest.raises(FileExistsError, match="--resume"):
         train(*configs(tiny_model_dir, text_file, tmp_path / "killed"))
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
     train(*configs(tiny_model_dir, text_file, tmp_path / "killed", resume=True))
     straight = load_file(tmp_path / "straight" / "quant_state.safetensors")
     resumed = load_file(tmp_path / "killed" / "quant_state.safetensors")
@@ -102,33 +92,9 @@ def test_cli_train_then_eval_reproduces_the_reported_perplexity(tiny_model_dir, 
     rc = main(
         [
             "train",
-            "--model",
-            str(tiny_model_dir),
-            "--data",
-            str(text_file),
-            "--eval_data",
-            str(text_file),
-            "--output_dir",
-            str(out),
-            "--n_bits",
-            "4",
-            "--group_size",
-            "32",
-            "--rank",
-            "2",
-            "--phase1_steps",
-            "1",
-            "--phase2_steps",
-            "2",
-            "--seq_len",
-            "32",
-            "--grad_accum",
-            "1",
-            "--eval_seq_len",
-            "32",
-            "--eval_max_windows",
-            "4",
-            "--no_progress",
+            *tiny_args(
+                tiny_model_dir, text_file, out, n_bits=4, rank=2, phase1_steps=1, phase2_steps=2, eval_max_windows=4
+            ),
         ]
     )
     assert rc == 0 and "| dl_qat |" in capsys.readouterr().out
@@ -210,8 +176,6 @@ def test_gradient_checkpointing_gives_the_same_training(tiny_model_dir, text_fil
         QuantLoRALinear, "forward", lambda self, x: recomputed.append(torch.is_grad_enabled()) or real(self, x)
     )
     train(*configs(tiny_model_dir, text_file, tmp_path / "plain", phase2_steps=3))
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
     plain_calls = len(recomputed)
     train(*configs(tiny_model_dir, text_file, tmp_path / "ckpt", phase2_steps=3, gradient_checkpointing=True))
     assert len(recomputed) - plain_calls > plain_calls  # the decoder layers ran again in backward

@@ -73,6 +73,10 @@ def test_eval_and_report_cli(tiny_model_dir, text_file, tmp_path, capsys):
             )
             == 0
         )
+    assert main(["eval", str(tiny_model_dir), "--no-ppl", "--tasks", "winogrande", "--limit", "2", "--append",
+                 "--output", str(tmp_path / "float.json")]) == 0  # fmt: skip
+    merged = json.loads((tmp_path / "float.json").read_text())
+    assert set(merged["tasks"]) == {"piqa", "winogrande"} and "perplexity" in merged
     w = json.loads((tmp_path / "w4a8kv8.json").read_text())
     assert w["model"] == "RTN W4 g32 A8KV8" and w["perplexity"]["kind"] == "token-level"
     assert "| piqa acc / acc_norm |" in (tmp_path / "float.md").read_text().replace("ppl | piqa", "| piqa")
@@ -88,10 +92,18 @@ def test_eval_and_report_cli(tiny_model_dir, text_file, tmp_path, capsys):
 def test_merge_keeps_both_parts():
     from dlqat.eval.report import markdown, merge_eval
 
-    a = {"model": "m", "perplexity": {"perplexity": 10.0, "description": "d"}, "tasks": {"piqa": {"acc": 0.5}},
-         "settings": {"limit": 100, "num_fewshot": None, "task_source": "local", "split": "validation"}}
-    b = {"model": "m", "tasks": {}, "mmlu": {"average": 0.25},
-         "settings": {"limit": 5, "num_fewshot": 5, "task_source": "local", "split": "test"}}
+    a = {
+        "model": "m",
+        "perplexity": {"perplexity": 10.0, "description": "d"},
+        "tasks": {"piqa": {"acc": 0.5}},
+        "settings": {"limit": 100, "num_fewshot": None, "task_source": "local", "split": "validation"},
+    }
+    b = {
+        "model": "m",
+        "tasks": {},
+        "mmlu": {"average": 0.25},
+        "settings": {"limit": 5, "num_fewshot": 5, "task_source": "local", "split": "test"},
+    }
     m = merge_eval(a, b)
     assert m["tasks"] == {"piqa": {"acc": 0.5}} and m["mmlu"]["average"] == 0.25 and m["perplexity"]["perplexity"] == 10
     table = markdown([m])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 from pathlib import Path
@@ -79,8 +80,11 @@ def _eval(argv: list[str]) -> int:
     parser.add_argument("--rtn-bits", type=int, default=None, help="float model only: evaluate RTN at these bits")
     parser.add_argument("--group-size", type=int, default=128, help="with --rtn-bits: group size (-1 per channel)")
     parser.add_argument("--output", default=None, help="JSON result path (default for a run: RUN/eval.json + .md)")
-    parser.add_argument("--append", action="store_true", help="merge into an existing result file (e.g. MMLU with "
-                        "another --limit than the other tasks)")
+    parser.add_argument(
+        "--append",
+        action="store_true",
+        help="merge into an existing result file (e.g. MMLU with another --limit than the other tasks)",
+    )
     args = parser.parse_args(argv)
 
     from dlqat.eval.report import evaluate_model, merge_eval, write_eval

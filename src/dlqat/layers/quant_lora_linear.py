@@ -15,6 +15,7 @@ from torch import nn
 from dlqat.quant import apply_magnitude, fake_quantize, minmax_scale_offset, n_groups, quantize
 from dlqat.quant.lean_linear import lean_qlora_linear
 
+
 class ClipMode(str, Enum):
     """Where the clipping range (scale, offset) comes from (DL-QAT paper, Table 3)."""
 

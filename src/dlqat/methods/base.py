@@ -13,8 +13,9 @@ from typing import Callable, ClassVar
 
 from torch import nn
 
+from dlqat.layers import ClipMode, QuantLoRALinear
 from dlqat.quant.primitives import check_bits, resolve_group_size
-from dlqat.surgery import DEFAULT_TARGETS, name_filter
+from dlqat.surgery import DEFAULT_TARGETS, name_filter, replace_linears
 
 
 @dataclass
@@ -76,6 +77,31 @@ class Phase:
             if param.requires_grad:
                 groups.setdefault(self.lr_by_suffix.get(name.rsplit(".", 1)[-1], self.lr), []).append(param)
         return [{"params": params, "lr": lr} for lr, params in groups.items()]
+
+
+def swap_in_quant_lora(
+    model: nn.Module,
+    cfg: QuantMethodConfig,
+    *,
+    rank: int,
+    alpha: float,
+    use_magnitude: bool,
+    clip_mode: ClipMode | str,
+    quantize_enabled: bool = True,
+    lean: bool = True,
+) -> list[str]:
+    """Replace ``cfg``'s target linears by ``QuantLoRALinear`` layers (the shared layer of dl_qat,
+    l4q, full_qat and the float LoRA of lora_rtn/lora_gptq); returns the replaced names."""
+
+    def make(_name: str, linear: nn.Linear) -> QuantLoRALinear:
+        layer = QuantLoRALinear.from_linear(
+            linear, n_bits=cfg.n_bits, group_size=cfg.group_size, rank=rank, alpha=alpha,
+            use_magnitude=use_magnitude, clip_mode=clip_mode,
+        )  # fmt: skip
+        layer.quantize_enabled, layer.lean = quantize_enabled, lean
+        return layer
+
+    return replace_linears(model, make, name_filter(cfg.target_modules))
 
 
 def param_of(*suffixes: str) -> Callable[[str], bool]:

@@ -12,9 +12,8 @@ from typing import ClassVar
 
 from torch import nn
 
-from dlqat.layers import ClipMode, QuantLoRALinear
-from dlqat.methods.base import Phase, QuantMethodConfig, param_of
-from dlqat.surgery import name_filter, replace_linears
+from dlqat.layers import ClipMode
+from dlqat.methods.base import Phase, QuantMethodConfig, param_of, swap_in_quant_lora
 
 _CLIP_MODES = [mode.value for mode in ClipMode]
 
@@ -66,19 +65,9 @@ STARTS_AT_RTN = True
 
 def prepare(model: nn.Module, cfg: DLQATConfig) -> list[str]:
     """Swap the target linears for ``QuantLoRALinear`` in place; returns the replaced names."""
-
-    def make(_name: str, linear: nn.Linear) -> QuantLoRALinear:
-        return QuantLoRALinear.from_linear(
-            linear,
-            n_bits=cfg.n_bits,
-            group_size=cfg.group_size,
-            rank=cfg.rank,
-            alpha=cfg.alpha,
-            use_magnitude=cfg.use_magnitude,
-            clip_mode=cfg.clip_mode,
-        )
-
-    return replace_linears(model, make, name_filter(cfg.target_modules))
+    return swap_in_quant_lora(
+        model, cfg, rank=cfg.rank, alpha=cfg.alpha, use_magnitude=cfg.use_magnitude, clip_mode=cfg.clip_mode
+    )
 
 
 def phases(cfg: DLQATConfig, layer_names: list[str] | None = None) -> list[Phase]:

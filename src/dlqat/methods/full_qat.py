@@ -9,9 +9,8 @@ from typing import ClassVar
 
 from torch import nn
 
-from dlqat.layers import ClipMode, QuantLoRALinear
-from dlqat.methods.base import Phase, QuantMethodConfig
-from dlqat.surgery import name_filter, replace_linears
+from dlqat.layers import ClipMode
+from dlqat.methods.base import Phase, QuantMethodConfig, swap_in_quant_lora
 
 STARTS_AT_RTN = True
 
@@ -26,20 +25,10 @@ class FullQATConfig(QuantMethodConfig):
 
 
 def prepare(model: nn.Module, cfg: FullQATConfig) -> list[str]:
-    def make(_name: str, linear: nn.Linear) -> QuantLoRALinear:
-        layer = QuantLoRALinear.from_linear(
-            linear,
-            n_bits=cfg.n_bits,
-            group_size=cfg.group_size,
-            rank=1,
-            alpha=1.0,
-            use_magnitude=False,
-            clip_mode=ClipMode.DYNAMIC,
-        )
-        layer.lean = False  # the weight itself needs a gradient: plain autograd
-        return layer
-
-    return replace_linears(model, make, name_filter(cfg.target_modules))
+    # the weight itself needs a gradient: plain autograd instead of the lean backward (rank-1 B stays 0)
+    return swap_in_quant_lora(
+        model, cfg, rank=1, alpha=1.0, use_magnitude=False, clip_mode=ClipMode.DYNAMIC, lean=False
+    )
 
 
 def phases(cfg: FullQATConfig, layer_names: list[str]) -> list[Phase]:

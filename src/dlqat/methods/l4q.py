@@ -10,9 +10,8 @@ from typing import ClassVar
 
 from torch import nn
 
-from dlqat.layers import ClipMode, QuantLoRALinear
-from dlqat.methods.base import Phase, QuantMethodConfig, param_of
-from dlqat.surgery import name_filter, replace_linears
+from dlqat.layers import ClipMode
+from dlqat.methods.base import Phase, QuantMethodConfig, param_of, swap_in_quant_lora
 
 STARTS_AT_RTN = True
 
@@ -30,18 +29,7 @@ class L4QConfig(QuantMethodConfig):
 
 
 def prepare(model: nn.Module, cfg: L4QConfig) -> list[str]:
-    def make(_name: str, linear: nn.Linear) -> QuantLoRALinear:
-        return QuantLoRALinear.from_linear(
-            linear,
-            n_bits=cfg.n_bits,
-            group_size=cfg.group_size,
-            rank=cfg.rank,
-            alpha=cfg.alpha,
-            use_magnitude=False,
-            clip_mode=ClipMode.JOINT,
-        )
-
-    return replace_linears(model, make, name_filter(cfg.target_modules))
+    return swap_in_quant_lora(model, cfg, rank=cfg.rank, alpha=cfg.alpha, use_magnitude=False, clip_mode=ClipMode.JOINT)
 
 
 def phases(cfg: L4QConfig, layer_names: list[str] | None = None) -> list[Phase]:

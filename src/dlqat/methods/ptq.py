@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from dlqat.layers import ClipMode, QuantizedLinear, QuantLoRALinear
-from dlqat.methods.base import Phase, QuantMethodConfig, param_of
+from dlqat.methods.base import Phase, QuantMethodConfig, param_of, swap_in_quant_lora
 from dlqat.quant import minmax_scale_offset, quantize
 from dlqat.quant.gptq import gptq_quantize
 from dlqat.surgery import name_filter, replace_linears
@@ -47,21 +47,10 @@ class PTQConfig(QuantMethodConfig):
 def prepare(model: nn.Module, cfg: PTQConfig) -> list[str]:
     """Float LoRA layers when ``lora_first`` (quantizer off); otherwise just find the targets."""
     if cfg.lora_first:
-
-        def make(_name: str, linear: nn.Linear) -> QuantLoRALinear:
-            layer = QuantLoRALinear.from_linear(
-                linear,
-                n_bits=cfg.n_bits,
-                group_size=cfg.group_size,
-                rank=cfg.rank,
-                alpha=cfg.alpha,
-                use_magnitude=False,
-                clip_mode=ClipMode.DYNAMIC,
-            )
-            layer.quantize_enabled = False
-            return layer
-
-        return replace_linears(model, make, name_filter(cfg.target_modules))
+        return swap_in_quant_lora(
+            model, cfg, rank=cfg.rank, alpha=cfg.alpha, use_magnitude=False, clip_mode=ClipMode.DYNAMIC,
+            quantize_enabled=False,
+        )  # fmt: skip
     should = name_filter(cfg.target_modules)
     names = [n for n, m in model.named_modules() if n and should(n, m)]
     if not names:
