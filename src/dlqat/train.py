@@ -37,9 +37,9 @@ log = logging.getLogger(__name__)
 CHECKPOINT = "checkpoint.pt"
 # Used when no model and no data are given (the embedded demo): finishes in minutes on 2 CPU cores.
 DEMO_DEFAULTS = {
-    "phase1_steps": 20,
-    "phase2_steps": 40,
-    "steps": 60,
+    "phase1_steps": 10,
+    "phase2_steps": 30,
+    "steps": 40,
     "seq_len": 256,
     "grad_accum": 4,
     "eval_max_windows": 8,

@@ -32,11 +32,11 @@ class DLQATConfig(QuantMethodConfig):
     )
     phase1_steps: int | None = field(
         default=None,
-        metadata={"help": "phase-1 optimizer steps (scale/offset only); default 1000 (paper), 20 for the demo"},
+        metadata={"help": "phase-1 optimizer steps (scale/offset only); default 1000 (paper), 10 for the demo"},
     )
     phase2_steps: int | None = field(
         default=None,
-        metadata={"help": "phase-2 optimizer steps (m, A, B); default 1000, 40 for the demo"},
+        metadata={"help": "phase-2 optimizer steps (m, A, B); default 1000, 30 for the demo"},
     )
     lr: float = field(default=2e-4, metadata={"help": "phase-2 learning rate (AdamW, constant)"})
     quant_lr: float = field(

@@ -20,7 +20,7 @@ class FullQATConfig(QuantMethodConfig):
     """Full-weight QAT settings."""
 
     method: ClassVar[str] = "full_qat"
-    steps: int | None = field(default=None, metadata={"help": "optimizer steps; default 2000 (60 in the demo)"})
+    steps: int | None = field(default=None, metadata={"help": "optimizer steps; default 2000 (40 in the demo)"})
     lr: float = field(default=2e-5, metadata={"help": "learning rate of the weights"})
 
 

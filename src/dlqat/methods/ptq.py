@@ -33,7 +33,7 @@ class PTQConfig(QuantMethodConfig):
     lora_first: bool = field(default=False, metadata={"help": "fine-tune a float LoRA first, merge, then quantize"})
     rank: int = field(default=16, metadata={"help": "LoRA rank (lora_first)"})
     alpha: float = field(default=16.0, metadata={"help": "LoRA alpha (lora_first)"})
-    steps: int | None = field(default=None, metadata={"help": "LoRA steps (lora_first); default 2000 (60 demo)"})
+    steps: int | None = field(default=None, metadata={"help": "LoRA steps (lora_first); default 2000 (40 demo)"})
     lr: float = field(default=2e-4, metadata={"help": "LoRA learning rate (lora_first)"})
     calib_samples: int = field(default=128, metadata={"help": "GPTQ calibration examples (from the training data)"})
     damp: float = field(default=0.01, metadata={"help": "GPTQ dampening, fraction of the mean Hessian diagonal"})

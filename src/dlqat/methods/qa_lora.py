@@ -22,7 +22,7 @@ class QALoRAConfig(QuantMethodConfig):
     method: ClassVar[str] = "qa_lora"
     rank: int = field(default=16, metadata={"help": "LoRA rank r"})
     alpha: float = field(default=16.0, metadata={"help": "LoRA alpha; scaling = alpha / rank"})
-    steps: int | None = field(default=None, metadata={"help": "optimizer steps; default 2000 (60 in the demo)"})
+    steps: int | None = field(default=None, metadata={"help": "optimizer steps; default 2000 (40 in the demo)"})
     lr: float = field(default=2e-4, metadata={"help": "learning rate of A, B"})
 
 
