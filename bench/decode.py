@@ -65,7 +65,13 @@ def hf_speeds(model, prompt_ids: torch.Tensor, prefill_ids: torch.Tensor, n_new:
 def llama_cpp_speeds(gguf_path: Path, prompt: list[int], prefill: list[int], n_new: int):
     import llama_cpp
 
-    llm = llama_cpp.Llama(model_path=str(gguf_path), n_ctx=2048, n_threads=torch.get_num_threads(), verbose=False)
+    # logits_all: llama-cpp-python exposes scores only then (decode evaluates one token per call anyway)
+    llm = llama_cpp.Llama(
+        model_path=str(gguf_path), n_ctx=2048, n_threads=torch.get_num_threads(), verbose=False, logits_all=True
+    )
+    prefill_llm = llama_cpp.Llama(
+        model_path=str(gguf_path), n_ctx=2048, n_threads=torch.get_num_threads(), verbose=False
+    )
 
     def decode():
         llm.reset()
@@ -78,8 +84,8 @@ def llama_cpp_speeds(gguf_path: Path, prompt: list[int], prefill: list[int], n_n
         return ids
 
     def pre():
-        llm.reset()
-        llm.eval(prefill)
+        prefill_llm.reset()
+        prefill_llm.eval(prefill)
 
     t_prompt = timed(lambda: (llm.reset(), llm.eval(prompt)))
     t_dec = timed(decode, 2)
