@@ -9,6 +9,7 @@ process's peak resident set on CPU, or peak allocated on CUDA):
   (c) dlqat DL-QAT phase 2 (m, A, B trained; lean backward)
   (d) dlqat L4Q (A, B, scale, offset trained; lean backward)
   (e) full-weight QAT (all linear weights trained through the fake quantizer)
+  (f) L4Q with plain autograd instead of the lean backward (what the lean backward saves)
 The FLOP floor is 6 x linear parameters x tokens at this machine's fp32 matmul rate measured in the same run.
 """
 
@@ -27,6 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 VARIANTS = {
+    "f": "L4Q with plain autograd (no lean backward)",
     "a": "PEFT LoRA (float)",
     "b": "QAT+LoRA, float branch (torchtune-style)",
     "c": "dlqat DL-QAT phase 2",
@@ -72,13 +74,17 @@ def build(variant: str, model: nn.Module, n_bits: int, group_size: int, rank: in
         )
         set_trainable(model, lambda n: n.rsplit(".", 1)[-1] in ("lora_a", "lora_b"))
         return model
-    method = {"c": "dl_qat", "d": "l4q", "e": "full_qat"}[variant]
+    method = {"c": "dl_qat", "d": "l4q", "e": "full_qat", "f": "l4q"}[variant]
     extra = {"rank": rank} if variant != "e" else {}
     extra.update({"phase1_steps": 0, "phase2_steps": 1} if method == "dl_qat" else {"steps": 1})
     cfg = make_config(method, n_bits=n_bits, group_size=group_size, **extra)
     names = method_module(cfg).prepare(model, cfg)
     phase = method_module(cfg).phases(cfg, names)[-1]
     set_trainable(model, phase.trains)
+    if variant == "f":
+        for module in model.modules():
+            if hasattr(module, "lean"):
+                module.lean = False
     return model
 
 
@@ -155,7 +161,7 @@ def main() -> None:
     parser.add_argument("--bits", type=int, default=4)
     parser.add_argument("--group-size", type=int, default=128)
     parser.add_argument("--rank", type=int, default=16)
-    parser.add_argument("--variants", default="abcde")
+    parser.add_argument("--variants", default="abcdef")
     parser.add_argument("--variant", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--output", default=None)
     args = parser.parse_args()
