@@ -28,12 +28,12 @@ import torch.nn.functional as F
 from torch import nn
 
 VARIANTS = {
-    "f": "L4Q with plain autograd (no lean backward)",
     "a": "PEFT LoRA (float)",
     "b": "QAT+LoRA, float branch (torchtune-style)",
     "c": "dlqat DL-QAT phase 2",
     "d": "dlqat L4Q",
     "e": "full-weight QAT",
+    "f": "L4Q with plain autograd (no lean backward)",
 }
 
 
