@@ -57,7 +57,9 @@ def evaluate_model(args) -> dict:
             )
         result["perplexity"] = {"kind": "token-level", **ppl.to_dict(), "description": ppl.describe()}
     if args.tasks:
-        tasks = COMMON_SENSE if args.tasks == "commonsense" else [t for t in args.tasks.split(",") if t]
+        tasks = [
+            t for name in args.tasks.split(",") if name for t in (COMMON_SENSE if name == "commonsense" else [name])
+        ]
         result.update(
             evaluate_tasks(model, tokenizer, tasks, args.limit, args.num_fewshot, args.batch_size, args.task_source)
         )
