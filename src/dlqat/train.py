@@ -31,6 +31,7 @@ from dlqat.export import convert, save_quantized
 from dlqat.methods import QuantMethodConfig, method_module, method_name
 from dlqat.methods.base import Phase, count_parameters, set_trainable
 from dlqat.models import load_model, source_gguf
+from dlqat.quant.lean_linear import set_compile
 
 log = logging.getLogger(__name__)
 
@@ -92,6 +93,10 @@ class TrainConfig:
     )
     mixed_precision: str = field(default="auto", metadata={"help": "auto (bf16 on GPU, fp32 on CPU), no, bf16, fp16"})
     gradient_checkpointing: bool = field(default=False, metadata={"help": "recompute decoder layers in backward"})
+    compile: bool = field(
+        default=False,
+        metadata={"help": "torch.compile the quantized layers' backward elementwise work (one-off compile cost)"},
+    )
     act_bits: int | None = field(
         default=None,
         metadata={"help": "fake-quantize the inputs of quantized linears per token at these bits (W4A8KV8: 8)"},
@@ -192,6 +197,7 @@ def train(method_cfg: QuantMethodConfig, cfg: TrainConfig) -> dict:
             model.activation_checkpointing_enable({"use_reentrant": False})
         else:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    set_compile(cfg.compile)
     train_source = cfg.data or str(resources.default_train_text())
     eval_source = cfg.eval_data or str(resources.default_eval_text())
     examples = load_examples(train_source, tokenizer, cfg.seq_len, cfg.train_on_prompt)

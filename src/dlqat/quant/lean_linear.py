@@ -32,6 +32,74 @@ def _group_cols(t: torch.Tensor, group_size: int, pad_value: float | None = None
     return F.pad(t, (0, pad), value=pad_value).reshape(t.shape[0], -1, g)
 
 
+def _backward_elementwise(
+    weight: torch.Tensor,
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    scale: torch.Tensor,
+    offset: torch.Tensor,
+    magnitude: torch.Tensor | None,
+    d_w: torch.Tensor | None,
+    scaling: float,
+    n_bits: int,
+    group_size: int,
+    need_weight: bool,
+    need_scale: bool,
+    need_offset: bool,
+    need_magnitude: bool,
+    need_merged: bool,
+) -> tuple[torch.Tensor | None, ...]:
+    """Everything in backward except the two big matmuls: ``(w, d_scale, d_offset, d_magnitude, d_merged)``.
+
+    Pure elementwise work over the full weight (rebuild codes and masks, per-group sums), kept in one
+    function so that ``set_compile(True)`` can hand it to ``torch.compile`` as one fused kernel.
+    ``d_w`` is the full weight gradient ``dY^T X`` (None when no weight-side gradient is needed).
+    """
+    lo, hi = code_range(n_bits)
+    in_features = weight.shape[1]
+    merged = weight + scaling * (lora_b @ lora_a)
+    s = scale.clamp_min(SCALE_EPS).unsqueeze(-1)
+    b = offset.unsqueeze(-1)
+    u = (to_groups(merged, group_size) - b) / s  # (out, G, g)
+    r = torch.round(u)
+    inside = (r >= lo) & (r <= hi)
+    q = r.clamp(lo, hi)
+    m = None if magnitude is None else magnitude.unsqueeze(-1)
+    w = d_scale = d_offset = d_mag = d_merged = None
+    if need_weight:
+        w = from_groups((s * q + b) if m is None else (m * s) * q + m * b, in_features)
+    if d_w is not None:
+        d_wg = _group_cols(d_w, group_size, pad_value=0.0)  # padding gets no gradient
+        if m is not None and need_magnitude:
+            d_mag = (d_wg * (s * q + b)).sum(-1)
+        d_wm = d_wg if m is None else d_wg * m
+        if need_scale:
+            d_scale = (d_wm * torch.where(inside, q - u, q)).sum(-1) * (scale >= SCALE_EPS)
+        if need_offset:
+            d_offset = (d_wm * ~inside).sum(-1)
+        if need_merged:
+            d_merged = from_groups(d_wm * inside, in_features)
+    return w, d_scale, d_offset, d_mag, d_merged
+
+
+_elementwise = _backward_elementwise
+
+
+def set_compile(enabled: bool) -> None:
+    """Run the backward's elementwise part through ``torch.compile`` (fused; needs a C++ compiler on CPU).
+
+    Off by default because the first step pays the compile (about 20 s for a model's few layer shapes
+    on 2 CPU cores), which only a long run earns back. Gradients agree with the eager path to float
+    rounding (tested). The forward stays eager on purpose: its weight must equal the exported
+    ``scale * q + offset`` bit for bit, and inductor (torch 2.13, CPU) miscompiles the
+    ``repeat_interleave(...)[:, :n]`` of a ragged last group in ``dequantize``.
+    """
+    global _elementwise
+    if enabled:  # one graph per (layer shape, requested gradients); a model has a handful of shapes
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+    _elementwise = torch.compile(_backward_elementwise, dynamic=False) if enabled else _backward_elementwise
+
+
 class _LeanQLoRALinear(torch.autograd.Function):
     @staticmethod
     def forward(x, weight, lora_a, lora_b, scale, offset, magnitude, bias, scaling, n_bits, group_size):
@@ -51,44 +119,29 @@ class _LeanQLoRALinear(torch.autograd.Function):
     def backward(ctx, grad_y):  # noqa: ANN001
         x, weight, lora_a, lora_b, scale, offset, magnitude = ctx.saved_tensors
         need = ctx.needs_input_grad
-        lo, hi = code_range(ctx.n_bits)
-        in_features = weight.shape[1]
+        grad_x = grad_bias = d_a = d_b = None
         with torch.no_grad():
-            merged = weight + ctx.scaling * (lora_b @ lora_a)
-            s = scale.clamp_min(SCALE_EPS).unsqueeze(-1)
-            b = offset.unsqueeze(-1)
-            u = (to_groups(merged, ctx.group_size) - b) / s  # (out, G, g)
-            r = torch.round(u)
-            inside = (r >= lo) & (r <= hi)
-            q = r.clamp(lo, hi)
-            m = None if magnitude is None else magnitude.unsqueeze(-1)
-            grad_x = grad_bias = d_a = d_b = d_scale = d_offset = d_mag = None
+            d_w = None
+            if any(need[2:7]):
+                d_w = grad_y.reshape(-1, grad_y.shape[-1]).t().to(weight.dtype) @ x.reshape(-1, x.shape[-1]).to(
+                    weight.dtype
+                )
+            w, d_scale, d_offset, d_mag, d_merged = _elementwise(
+                weight, lora_a, lora_b, scale, offset, magnitude, d_w,
+                ctx.scaling, ctx.n_bits, ctx.group_size,
+                need[0], need[4], need[5], need[6] and magnitude is not None, need[2] or need[3],
+            )  # fmt: skip
+            del d_w
             if need[0]:
-                w = from_groups((s * q + b) if m is None else (m * s) * q + m * b, in_features)
                 grad_x = (grad_y @ w.to(grad_y.dtype)).to(x.dtype)
                 del w
             if ctx.has_bias and need[7]:
                 grad_bias = grad_y.reshape(-1, grad_y.shape[-1]).sum(0)
-            if any(need[2:7]):
-                d_w = grad_y.reshape(-1, grad_y.shape[-1]).t().to(merged.dtype) @ x.reshape(-1, x.shape[-1]).to(
-                    merged.dtype
-                )
-                d_wg = _group_cols(d_w, ctx.group_size, pad_value=0.0)  # padding gets no gradient
-                del d_w
-                if m is not None and need[6]:
-                    d_mag = (d_wg * (s * q + b)).sum(-1)
-                d_wm = d_wg if m is None else d_wg * m
-                del d_wg
-                if need[4]:
-                    d_scale = (d_wm * torch.where(inside, q - u, q)).sum(-1) * (scale >= SCALE_EPS)
-                if need[5]:
-                    d_offset = (d_wm * ~inside).sum(-1)
-                if need[2] or need[3]:
-                    d_merged = from_groups(d_wm * inside, in_features)
-                    if need[3]:
-                        d_b = ctx.scaling * (d_merged @ lora_a.t())
-                    if need[2]:
-                        d_a = ctx.scaling * (lora_b.t() @ d_merged)
+            if d_merged is not None:
+                if need[3]:
+                    d_b = ctx.scaling * (d_merged @ lora_a.t())
+                if need[2]:
+                    d_a = ctx.scaling * (lora_b.t() @ d_merged)
         return grad_x, None, d_a, d_b, d_scale, d_offset, d_mag, grad_bias, None, None, None
 
 
