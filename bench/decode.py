@@ -4,6 +4,7 @@
 
 Without ``--run`` it quantizes the embedded SmolLM2-135M with RTN at W4 g128 (speed does not depend on
 training). Everything is measured in this one run and printed as ratios to the fp32 transformers model.
+Two more rows export the tied embedding/head table quantized too (`--embed-bits 8` g128 and 4 g32).
 llama.cpp rows need ``llama-cpp-python`` (skipped, with a note, when it is not installed).
 """
 
@@ -156,8 +157,23 @@ def main() -> None:
     set_backend(q_model, "dequant")
     dec, pre, ids = hf_speeds(q_model, prompt, prefill, args.tokens)
     add("dlqat packed (float unpack)", dec, pre, (packed_dir / "model.safetensors").stat().st_size, ids)
-
+    ppl_ours = perplexity(q_model, text_ids, 512, args.ppl_windows, progress=False).perplexity
     notes = []
+
+    ppl_embed = [f"bf16 table {ppl_ours:.3f}"]
+    for bits, group in ((8, 128), (4, 32)):  # the tied embedding/head table quantized too
+        embed_dir = export(qdir, "dlqat", work / f"packed-e{bits}", dtype="bf16", embed_bits=bits, embed_group_size=group)
+        e_model, _ = load_quantized(embed_dir, dtype=torch.float32)
+        set_backend(e_model, "auto")
+        dec, pre, ids = hf_speeds(e_model, prompt, prefill, args.tokens)
+        size = (embed_dir / "model.safetensors").stat().st_size
+        add(f"dlqat packed + {bits}-bit g{group} embedding (int4 kernel decode)", dec, pre, size, ids)
+        set_backend(e_model, "dequant")
+        ppl = perplexity(e_model, text_ids, 512, args.ppl_windows, progress=False).perplexity
+        ppl_embed.append(f"{bits}-bit g{group} table {ppl:.3f} ({100 * (ppl / ppl_ours - 1):+.2f}%)")
+        del e_model
+    notes.append(f"perplexity of the dlqat model, {args.ppl_windows} x 512 tokens: " + ", ".join(ppl_embed))
+
     if importlib.util.find_spec("llama_cpp"):
         dec, pre, ids_gguf = llama_cpp_speeds(gguf_path, prompt[0].tolist(), prefill[0].tolist(), args.tokens)
         add("llama.cpp, dlqat GGUF (Q4_1)", dec, pre, gguf_path.stat().st_size, ids_gguf)
@@ -170,8 +186,6 @@ def main() -> None:
             f"greedy tokens equal between dlqat (int4 decode) and llama.cpp on the GGUF: {same}/{args.tokens}"
             + ("" if first_diff is None else f" (first difference at token {first_diff})")
         )
-        set_backend(q_model, "dequant")
-        ppl_ours = perplexity(q_model, text_ids, 512, args.ppl_windows, progress=False).perplexity
         ppl_cpp = llama_cpp_perplexity(gguf_path, text_ids, 512, args.ppl_windows)
         notes.append(
             f"perplexity, {args.ppl_windows} x 512 tokens of wiki.utf8: dlqat {ppl_ours:.3f}, "

@@ -56,3 +56,54 @@ def test_lifecycle_and_folder_errors(tmp_path):
         convert(tiny_model("llama"))
     with pytest.raises(FileNotFoundError, match="dlqat_quant.json"):
         load_quantized(tmp_path)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])  # gemma3: scaled embeddings
+@pytest.mark.parametrize("n_bits,group_size", [(8, 32), (4, 16)])
+def test_quantized_tied_embedding_is_the_rtn_table_and_round_trips(tmp_path, tokenizer, arch, n_bits, group_size):
+    from dlqat.export.formats import export
+    from dlqat.export.quantized import quantize_tied_embedding
+    from dlqat.layers import QuantizedEmbedding
+    from dlqat.quant import fake_quantize, minmax_scale_offset
+
+    model = tiny_model(arch)
+    model.config.tie_word_embeddings = True
+    model.tie_weights()
+    prepare(model, DLQATConfig(group_size=32, rank=2))
+    perturb(model)
+    convert(model)
+    ids = torch.randint(0, 300, (2, 24))
+    table = model.get_input_embeddings().weight
+    with torch.no_grad():
+        float_logits = model(input_ids=ids).logits
+        float_table = table.detach().clone()
+        table.copy_(fake_quantize(float_table, *minmax_scale_offset(float_table, n_bits, group_size), n_bits, group_size))
+        reference = model(input_ids=ids).logits  # the plain model with an RTN table, embedding and head
+        table.copy_(float_table)
+        meta = quantize_tied_embedding(model, n_bits, group_size)
+        quantized = model(input_ids=ids).logits
+        again = model(input_ids=ids).logits  # > 4-bit heads reuse their unpacked weight from here on
+    torch.testing.assert_close(again, quantized, atol=0, rtol=0)
+    assert not torch.equal(reference, float_logits)  # the table really is quantized
+    assert meta == {"n_bits": n_bits, "group_size": group_size, "head": "lm_head"}
+    assert isinstance(model.get_input_embeddings(), QuantizedEmbedding)
+    torch.testing.assert_close(quantized, reference, atol=0, rtol=0)
+
+    save_quantized(model, tokenizer, tmp_path / "q")
+    loaded, _ = load_quantized(tmp_path / "q")
+    assert isinstance(loaded.get_input_embeddings(), QuantizedEmbedding)
+    assert loaded.get_input_embeddings().head is loaded.get_output_embeddings()
+    assert not any(k.endswith("embed_tokens.weight") for k in loaded.state_dict())  # stored once, packed
+    loaded.tie_weights()  # lm-eval calls it; the table is shared by construction, nothing to re-tie
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(input_ids=ids).logits, reference, atol=0, rtol=0)
+    with pytest.raises(ValueError, match="embedding table is quantized"):
+        export(tmp_path / "q", "gguf", tmp_path / "m.gguf")
+
+
+def test_embedding_quantization_needs_tied_embeddings():
+    from dlqat.export.quantized import quantize_tied_embedding
+
+    model = LlamaForCausalLM(LlamaConfig(**TINY, tie_word_embeddings=False))
+    with pytest.raises(ValueError, match="tied input/output embeddings"):
+        quantize_tied_embedding(model, 8)

@@ -121,8 +121,12 @@ def _export(argv: list[str]) -> int:
     parser.add_argument("--out", required=True, help="output folder (dlqat) or file (gguf)")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="bf16", help="dlqat format: non-quantized tensors")
     parser.add_argument("--template", default=None, help="gguf format: GGUF of the base model for metadata")
+    parser.add_argument(
+        "--embed-bits", type=int, default=None, help="dlqat format: also quantize the tied embedding/head (8 or 4)"
+    )
+    parser.add_argument("--embed-group-size", type=int, default=32, help="group size for --embed-bits")
     args = parser.parse_args(argv)
-    path = export(args.run, args.format, args.out, args.dtype, args.template)
+    path = export(args.run, args.format, args.out, args.dtype, args.template, args.embed_bits, args.embed_group_size)
     size = sum(f.stat().st_size for f in ([path] if path.is_file() else path.rglob("*")) if f.is_file())
     print(f"wrote {path} ({size / 2**20:.1f} MiB)")
     return 0

@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 
 from dlqat.export.gguf_export import export_gguf
-from dlqat.export.quantized import load_quantized, read_quant_meta, save_quantized
+from dlqat.export.quantized import load_quantized, quantize_tied_embedding, read_quant_meta, save_quantized
 
 FORMATS = ("dlqat", "gguf")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -19,7 +19,15 @@ def quantized_dir(path: str | Path) -> Path:
     return path / "quantized" if (path / "quantized").is_dir() else path
 
 
-def export(run: str | Path, fmt: str, out: str | Path, dtype: str = "bf16", template: str | None = None) -> Path:
+def export(
+    run: str | Path,
+    fmt: str,
+    out: str | Path,
+    dtype: str = "bf16",
+    template: str | None = None,
+    embed_bits: int | None = None,
+    embed_group_size: int = 32,
+) -> Path:
     """Export the low-bit model of ``run``.
 
     Args:
@@ -28,15 +36,23 @@ def export(run: str | Path, fmt: str, out: str | Path, dtype: str = "bf16", temp
             bit-exact; bf16/fp16 make the file small).
         template: GGUF of the same base model for metadata/tokenizer (default: the GGUF the run's
             base model came from, if any).
+        embed_bits, embed_group_size: ``dlqat`` format only: also quantize the tied embedding/head
+            table (RTN; 8 bits is lossless in practice, 4 bits makes the smallest file).
     """
     if fmt not in FORMATS:
         raise ValueError(f"format={fmt!r}: expected one of {FORMATS}")
     if dtype not in DTYPES:
         raise ValueError(f"dtype={dtype!r}: expected one of {sorted(DTYPES)}")
+    if embed_bits is not None and fmt != "dlqat":
+        raise ValueError(f"embed_bits={embed_bits}: only the dlqat format quantizes the embedding table")
     src = quantized_dir(run)
     meta = read_quant_meta(src)
+    if fmt == "gguf" and meta.get("embedding"):
+        raise ValueError(f"{src}: its embedding table is quantized; export GGUF from the run folder instead")
     model, tokenizer = load_quantized(src)
     if fmt == "dlqat":
+        if embed_bits is not None:
+            quantize_tied_embedding(model, embed_bits, embed_group_size)
         return save_quantized(model, tokenizer, out, dtype=DTYPES[dtype], source_gguf=meta.get("source_gguf"))
     template = template or meta.get("source_gguf")
     if template and not Path(template).is_file():

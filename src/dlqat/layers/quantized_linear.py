@@ -26,6 +26,9 @@ class QuantizedLinear(nn.Module):
     """
 
     int4_max_tokens = 8
+    # Hold the unpacked float weight after first use (set for > 4-bit layers that no kernel takes,
+    # e.g. an 8-bit tied head: the file stays small, and decoding does not unpack it every token).
+    keep_dequantized = False
 
     def __init__(
         self,
@@ -42,6 +45,7 @@ class QuantizedLinear(nn.Module):
         self.n_bits, self.group_size = n_bits, group_size
         self.backend = "dequant"
         self._int4: Int4Weight | None = None
+        self._dequantized: torch.Tensor | None = None
         groups = (out_features, n_groups(in_features, group_size))
         width = packed_width(in_features, n_bits)
         self.register_buffer("packed", torch.zeros(out_features, width, dtype=torch.uint8, device=device))
@@ -71,6 +75,21 @@ class QuantizedLinear(nn.Module):
     def dequantized_weight(self) -> torch.Tensor:
         return dequantize(self.codes().to(self.scale.dtype), self.scale, self.offset, self.group_size)
 
+    def _float_weight(self, dtype: torch.dtype) -> torch.Tensor:
+        cached = self._dequantized
+        if cached is not None and cached.dtype == dtype and cached.device == self.packed.device:
+            return cached
+        weight = self.dequantized_weight().to(dtype)
+        self._dequantized = weight if self.keep_dequantized else None
+        return weight
+
+    def rows(self, index: torch.Tensor) -> torch.Tensor:
+        """Dequantized weight rows ``index`` -> ``(*index.shape, in)``: an embedding lookup in the packed table."""
+        flat = index.reshape(-1)
+        q = unpack_codes(self.packed[flat], self.n_bits, self.in_features).to(self.scale.dtype)
+        rows = dequantize(q, self.scale[flat], self.offset[flat], self.group_size)
+        return rows.reshape(*index.shape, self.in_features)
+
     def set_backend(self, backend: str) -> None:
         if backend not in BACKENDS:
             raise ValueError(f"backend={backend!r}: expected one of {BACKENDS}")
@@ -79,7 +98,7 @@ class QuantizedLinear(nn.Module):
                 f"backend='int4' cannot take this layer ({self.extra_repr()}, {self.packed.device}): "
                 f"needs n_bits <= 4, group_size in 32/64/128/256, out_features % 16 == 0"
             )
-        self.backend, self._int4 = backend, None
+        self.backend, self._int4, self._dequantized = backend, None, None
 
     def int4_ok(self) -> bool:
         g = resolve_group_size(self.group_size, self.in_features)
@@ -96,7 +115,7 @@ class QuantizedLinear(nn.Module):
         if self.backend == "int4" or (self.backend == "auto" and rows <= self.int4_max_tokens and self.int4_ok()):
             return int4_linear(x, self._int4_weight(), self.bias)
         bias = None if self.bias is None else self.bias.to(x.dtype)
-        return F.linear(x, self.dequantized_weight().to(x.dtype), bias)
+        return F.linear(x, self._float_weight(x.dtype), bias)
 
     def extra_repr(self) -> str:
         return (
@@ -111,3 +130,25 @@ def set_backend(model: nn.Module, backend: str) -> int:
     for layer in layers:
         layer.set_backend("dequant" if backend == "int4" and not layer.int4_ok() else backend)
     return len(layers)
+
+
+class QuantizedEmbedding(nn.Module):
+    """Token embedding read from the packed table of the tied output head (``W = scale * q + offset``).
+
+    Holds no tensors of its own: the head (a ``QuantizedLinear``) owns the codes, so the file stores
+    the tied table once, as the float model did. ``embed_scale`` carries Gemma-style scaled embeddings.
+    """
+
+    def __init__(self, head: QuantizedLinear, dtype: torch.dtype, embed_scale: torch.Tensor | None = None) -> None:
+        super().__init__()
+        object.__setattr__(self, "head", head)  # not a submodule: the head's buffers are saved under its own name
+        self.dtype = dtype
+        self.num_embeddings, self.embedding_dim = head.out_features, head.in_features
+        self.register_buffer("embed_scale", embed_scale, persistent=False)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        rows = self.head.rows(input_ids).to(self.dtype)
+        return rows if self.embed_scale is None else rows * self.embed_scale.to(self.dtype)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}, table=tied head ({self.head.n_bits}-bit)"
