@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 from conftest import TINY, tiny_model
 from dlqat.export import convert, load_quantized, save_quantized
@@ -40,6 +40,11 @@ def test_convert_save_load_logits_exact(tmp_path, tokenizer, arch, n_bits, group
     assert loaded_tok is not None and loaded_tok.eos_token == tokenizer.eos_token
     with torch.no_grad():
         torch.testing.assert_close(loaded(input_ids=ids).logits, fake_quant, atol=0, rtol=0)
+    # transformers' own loader, through the registered "dlqat" quantization method
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path / "q", dtype=torch.float32)
+    assert sum(isinstance(m, QuantizedLinear) for m in hf.modules()) == 14
+    with torch.no_grad():
+        torch.testing.assert_close(hf(input_ids=ids).logits, fake_quant, atol=0, rtol=0)
 
 
 def test_tied_embeddings_stay_tied(tmp_path):
@@ -95,8 +100,11 @@ def test_quantized_tied_embedding_is_the_rtn_table_and_round_trips(tmp_path, tok
     assert loaded.get_input_embeddings().head is loaded.get_output_embeddings()
     assert not any(k.endswith("embed_tokens.weight") for k in loaded.state_dict())  # stored once, packed
     loaded.tie_weights()  # lm-eval calls it; the table is shared by construction, nothing to re-tie
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path / "q", dtype=torch.float32)
+    assert isinstance(hf.get_input_embeddings(), QuantizedEmbedding)
     with torch.no_grad():
         torch.testing.assert_close(loaded(input_ids=ids).logits, reference, atol=0, rtol=0)
+        torch.testing.assert_close(hf(input_ids=ids).logits, reference, atol=0, rtol=0)
     with pytest.raises(ValueError, match="embedding table is quantized"):
         export(tmp_path / "q", "gguf", tmp_path / "m.gguf")
 

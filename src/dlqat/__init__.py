@@ -1,6 +1,6 @@
 """dlqat: quantization-aware low-rank fine-tuning that hands back a real low-bit model."""
 
-from dlqat.export import convert, load_quantized, save_quantized
+from dlqat.export import convert, hf_quantizer, load_quantized, save_quantized  # noqa: F401 (registers "dlqat")
 from dlqat.layers import ClipMode, QuantizedLinear, QuantLoRALinear
 from dlqat.methods.dl_qat import DLQATConfig, prepare
 

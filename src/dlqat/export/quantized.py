@@ -76,7 +76,12 @@ def _tie_by_construction(model: PreTrainedModel, table: QuantizedLinear, dtype: 
     """
     inp = model.get_input_embeddings()
     table.keep_dequantized = not table.int4_ok()
-    model.set_input_embeddings(QuantizedEmbedding(table, dtype, getattr(inp, "embed_scale", None)))
+    embed_scale = getattr(inp, "scalar_embed_scale", None)  # Gemma's scaled embedding, as a float
+    if embed_scale is None and isinstance(getattr(inp, "embed_scale", None), torch.Tensor):
+        if inp.embed_scale.device.type == "meta":
+            raise ValueError(f"{type(inp).__name__}.embed_scale is on the meta device; cannot read its value")
+        embed_scale = float(inp.embed_scale)
+    model.set_input_embeddings(QuantizedEmbedding(table, dtype, embed_scale))
     for config in {id(c): c for c in (model.config, model.config.get_text_config())}.values():
         config.tie_word_embeddings = False
 
@@ -148,9 +153,6 @@ def save_quantized(
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.tmp-"))
     try:
-        model.config.save_pretrained(tmp)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
         meta = {"format": FORMAT, "source_gguf": source_gguf, "layers": layers}
         if isinstance(model.get_input_embeddings(), QuantizedEmbedding):
             table = model.get_output_embeddings()
@@ -161,6 +163,13 @@ def save_quantized(
                 "dtype": str(dtype or model.get_input_embeddings().dtype).removeprefix("torch."),
             }
         (tmp / QUANT_FILE).write_text(json.dumps(meta, indent=2))
+        model.config.save_pretrained(tmp)
+        # what transformers' loader reads (dlqat.export.hf_quantizer registers the method)
+        config = json.loads((tmp / "config.json").read_text())
+        config["quantization_config"] = {"quant_method": "dlqat", **{k: v for k, v in meta.items() if k != "source_gguf"}}
+        (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
         save_file(_unique_state_dict(model, dtype), tmp / WEIGHTS_FILE, metadata={"format": FORMAT})
         if out_dir.exists():
             shutil.rmtree(out_dir)
@@ -168,6 +177,24 @@ def save_quantized(
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out_dir
+
+
+def build_skeleton(model: PreTrainedModel, layers: dict[str, dict], embedding: dict | None) -> None:
+    """Swap in empty (meta) ``QuantizedLinear``/``QuantizedEmbedding`` modules where a saved folder has
+    packed tensors, so that its state dict loads by name (``load_quantized`` and transformers' loader)."""
+    if embedding:  # the head is a quantized layer like the others
+        layers = {**layers, embedding["head"]: {k: embedding[k] for k in ("n_bits", "group_size")}}
+
+    def make(name: str, linear: nn.Linear) -> QuantizedLinear:
+        spec = layers[name]
+        return QuantizedLinear(
+            linear.in_features, linear.out_features, spec["n_bits"], spec["group_size"], linear.bias is not None,
+            torch.float32, "meta",
+        )  # fmt: skip
+
+    replace_linears(model, make, lambda name, module: name in layers)
+    if embedding:
+        _tie_by_construction(model, model.get_output_embeddings(), getattr(torch, embedding["dtype"]))
 
 
 def read_quant_meta(path: str | Path) -> dict:
@@ -195,30 +222,11 @@ def load_quantized(
     state = load_file(path / WEIGHTS_FILE)
     with init_empty_weights():  # parameters on meta; buffers (rotary tables) built for real
         model = AutoModelForCausalLM.from_config(config)
-    layers = meta["layers"]
-
-    def make(name: str, linear: nn.Linear) -> QuantizedLinear:
-        spec = layers[name]
-        return QuantizedLinear(
-            linear.in_features,
-            linear.out_features,
-            spec["n_bits"],
-            spec["group_size"],
-            linear.bias is not None,
-            state[f"{name}.scale"].dtype,
-            "meta",
-        )
-
-    embedding = meta.get("embedding")
-    if embedding:  # the head is in ``layers``; tie the input embedding to it before anything loads
-        layers = {**layers, embedding["head"]: {k: embedding[k] for k in ("n_bits", "group_size")}}
-    replace_linears(model, make, lambda name, module: name in layers)
-    if embedding:
-        _tie_by_construction(model, model.get_output_embeddings(), getattr(torch, embedding["dtype"]))
+    build_skeleton(model, meta["layers"], meta.get("embedding"))
     missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
     if unexpected:
         raise ValueError(f"{path / WEIGHTS_FILE}: tensors the model does not have: {unexpected[:8]}")
-    model.tie_weights()
+    model.tie_weights()  # a float tied head; a quantized table is shared already (and untied in the config)
     still_meta = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.device.type == "meta"]
     if still_meta:
         raise ValueError(f"{path / WEIGHTS_FILE}: tensors missing: {still_meta[:8]}")
@@ -226,7 +234,7 @@ def load_quantized(
         for name, tensor in list(model.named_parameters()) + list(model.named_buffers()):
             if tensor.is_floating_point() and not name.endswith((".scale", ".offset")):
                 tensor.data = tensor.data.to(dtype)
-        if embedding:
+        if meta.get("embedding"):
             model.get_input_embeddings().dtype = dtype
     tokenizer = AutoTokenizer.from_pretrained(path) if (path / "tokenizer_config.json").is_file() else None
     return model.to(device).eval(), tokenizer

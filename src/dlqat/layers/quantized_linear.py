@@ -139,16 +139,19 @@ class QuantizedEmbedding(nn.Module):
     the tied table once, as the float model did. ``embed_scale`` carries Gemma-style scaled embeddings.
     """
 
-    def __init__(self, head: QuantizedLinear, dtype: torch.dtype, embed_scale: torch.Tensor | None = None) -> None:
+    def __init__(self, head: QuantizedLinear, dtype: torch.dtype, embed_scale: float | None = None) -> None:
         super().__init__()
         object.__setattr__(self, "head", head)  # not a submodule: the head's buffers are saved under its own name
         self.dtype = dtype
         self.num_embeddings, self.embedding_dim = head.out_features, head.in_features
-        self.register_buffer("embed_scale", embed_scale, persistent=False)
+        self.embed_scale = embed_scale  # a float: skeletons are built on meta, where a buffer would hold no value
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         rows = self.head.rows(input_ids).to(self.dtype)
-        return rows if self.embed_scale is None else rows * self.embed_scale.to(self.dtype)
+        if self.embed_scale is None:
+            return rows
+        # rounded as Gemma's fp32 buffer is: fp32 first, then the compute dtype
+        return rows * torch.tensor(self.embed_scale, dtype=torch.float32, device=rows.device).to(self.dtype)
 
     def extra_repr(self) -> str:
         return f"{self.num_embeddings}, {self.embedding_dim}, table=tied head ({self.head.n_bits}-bit)"
