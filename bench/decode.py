@@ -153,7 +153,7 @@ def main() -> None:
     q_model, _ = load_quantized(packed_dir, dtype=torch.float32)
     set_backend(q_model, "auto")
     dec, pre, ids_dlqat = hf_speeds(q_model, prompt, prefill, args.tokens)
-    add("dlqat packed (int4 kernel decode)", dec, pre, (packed_dir / "model.safetensors").stat().st_size, ids_dlqat)
+    add("dlqat packed (int4 kernels)", dec, pre, (packed_dir / "model.safetensors").stat().st_size, ids_dlqat)
     set_backend(q_model, "dequant")
     dec, pre, ids = hf_speeds(q_model, prompt, prefill, args.tokens)
     add("dlqat packed (float unpack)", dec, pre, (packed_dir / "model.safetensors").stat().st_size, ids)
@@ -167,7 +167,7 @@ def main() -> None:
         set_backend(e_model, "auto")
         dec, pre, ids = hf_speeds(e_model, prompt, prefill, args.tokens)
         size = (embed_dir / "model.safetensors").stat().st_size
-        add(f"dlqat packed + {bits}-bit g{group} embedding (int4 kernel decode)", dec, pre, size, ids)
+        add(f"dlqat packed + {bits}-bit g{group} embedding (int4 kernels)", dec, pre, size, ids)
         set_backend(e_model, "dequant")
         ppl = perplexity(e_model, text_ids, 512, args.ppl_windows, progress=False).perplexity
         ppl_embed.append(f"{bits}-bit g{group} table {ppl:.3f} ({100 * (ppl / ppl_ours - 1):+.2f}%)")
@@ -183,7 +183,7 @@ def main() -> None:
         same = sum(a == b for a, b in zip(ids_gguf, ids_dlqat))
         first_diff = next((i for i, (a, b) in enumerate(zip(ids_gguf, ids_dlqat)) if a != b), None)
         notes.append(
-            f"greedy tokens equal between dlqat (int4 decode) and llama.cpp on the GGUF: {same}/{args.tokens}"
+            f"greedy tokens equal between dlqat (int4 kernels) and llama.cpp on the GGUF: {same}/{args.tokens}"
             + ("" if first_diff is None else f" (first difference at token {first_diff})")
         )
         ppl_cpp = llama_cpp_perplexity(gguf_path, text_ids, 512, args.ppl_windows)

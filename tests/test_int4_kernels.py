@@ -43,18 +43,19 @@ def test_int4_kernel_matches_float_path(device, n_bits, k, n, g, rows):
     assert sqnr_db(ref, out) > 35  # bf16 activations and scales: ~45 dB typical
 
 
-def test_auto_uses_int4_for_decoding_and_float_for_prefill(monkeypatch):
-    layer, *_ = make_layer(4, 128, 32, 32, bias=False)
+@pytest.mark.parametrize("device", DEVICES)
+def test_auto_uses_int4_for_decoding_and_on_cpu_for_prefill(monkeypatch, device):
+    layer, *_ = make_layer(4, 128, 32, 32, bias=False, device=device)
     layer.set_backend("auto")
     calls = []
     import dlqat.layers.quantized_linear as ql
 
     real = ql.int4_linear
     monkeypatch.setattr(ql, "int4_linear", lambda *a: calls.append(1) or real(*a))
-    layer(torch.randn(1, 1, 128))
+    layer(torch.randn(1, 1, 128, device=device))
     assert calls == [1]
-    layer(torch.randn(1, 64, 128))
-    assert calls == [1]
+    layer(torch.randn(1, 64, 128, device=device))  # CPU: the int4 kernel beats unpacking; CUDA: tinygemm is for M <= 8
+    assert calls == ([1, 1] if device == "cpu" else [1])
 
 
 def test_backend_errors_and_fallback():

@@ -20,9 +20,11 @@ class QuantizedLinear(nn.Module):
     ``scale``/``offset`` ``(out, n_groups)``, optional ``bias``.
 
     Compute paths (``backend``): ``dequant`` unpacks to a float weight and runs a normal matmul (exact
-    w.r.t. the fake-quantized training model; the faster choice for prefill); ``int4`` runs PyTorch's
-    int4 kernels (bf16; the fast choice for decoding); ``auto`` uses ``int4`` for at most
-    ``int4_max_tokens`` rows where the kernel takes the shape, else ``dequant``.
+    w.r.t. the fake-quantized training model; what evaluation uses); ``int4`` runs PyTorch's int4
+    kernels (bf16 activations); ``auto`` uses ``int4`` wherever the kernel takes the shape: on CPU for
+    any number of tokens (measured on SmolLM2-135M, 2 threads: prefill of 256/1024 tokens runs 1.8x/1.3x
+    faster than unpacking), on CUDA for at most ``int4_max_tokens`` rows (tinygemm is a small-batch
+    kernel; larger batches unpack and use the float GEMM).
     """
 
     int4_max_tokens = 8
@@ -112,7 +114,8 @@ class QuantizedLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // x.shape[-1]
-        if self.backend == "int4" or (self.backend == "auto" and rows <= self.int4_max_tokens and self.int4_ok()):
+        small = x.device.type == "cpu" or rows <= self.int4_max_tokens
+        if self.backend == "int4" or (self.backend == "auto" and small and self.int4_ok()):
             return int4_linear(x, self._int4_weight(), self.bias)
         bias = None if self.bias is None else self.bias.to(x.dtype)
         return F.linear(x, self._float_weight(x.dtype), bias)
