@@ -114,8 +114,8 @@ class QuantizedLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // x.shape[-1]
-        small = x.device.type == "cpu" or rows <= self.int4_max_tokens
-        if self.backend == "int4" or (self.backend == "auto" and small and self.int4_ok()):
+        auto_int4 = x.device.type == "cpu" or rows <= self.int4_max_tokens
+        if self.backend == "int4" or (self.backend == "auto" and auto_int4 and self.int4_ok()):
             return int4_linear(x, self._int4_weight(), self.bias)
         bias = None if self.bias is None else self.bias.to(x.dtype)
         return F.linear(x, self._float_weight(x.dtype), bias)
