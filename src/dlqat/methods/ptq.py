@@ -2,8 +2,9 @@
 
 ``rtn`` and ``gptq`` train nothing. ``lora_rtn``/``lora_gptq`` train a plain LoRA on the float model
 (the adapter outside any quantizer), merge it, then quantize: the two-step pipeline DL-QAT argues
-against. GPTQ's Hessians come from one pass of the calibration batches through the (merged) float
-model.
+against. GPTQ runs block by block as the reference implementation does (each decoder block calibrated
+on the outputs of the already-quantized blocks, ``dlqat.methods.calibration``); ``--no_sequential``
+takes every Hessian from one pass through the float model instead.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from torch import nn
 
 from dlqat.layers import ClipMode, QuantizedLinear, QuantLoRALinear
 from dlqat.methods.base import Phase, QuantMethodConfig, param_of, swap_in_quant_lora
+from dlqat.methods.calibration import collect_hessians, quantize_block_by_block
 from dlqat.quant import minmax_scale_offset, quantize
 from dlqat.quant.gptq import gptq_quantize
 from dlqat.surgery import name_filter, replace_linears
@@ -37,6 +39,10 @@ class PTQConfig(QuantMethodConfig):
     lr: float = field(default=2e-4, metadata={"help": "LoRA learning rate (lora_first)"})
     calib_samples: int = field(default=128, metadata={"help": "GPTQ calibration examples (from the training data)"})
     damp: float = field(default=0.01, metadata={"help": "GPTQ dampening, fraction of the mean Hessian diagonal"})
+    sequential: bool = field(
+        default=True,
+        metadata={"help": "GPTQ block by block on the quantized blocks' outputs (reference GPTQ); false: one float pass"},
+    )
 
     def __post_init__(self) -> None:
         if self.algorithm not in _ALGOS:
@@ -74,44 +80,31 @@ def _merge_lora(model: nn.Module) -> None:
     replace_linears(model, make, lambda _n, m: isinstance(m, QuantLoRALinear))
 
 
-@torch.no_grad()
-def collect_hessians(model: nn.Module, names: list[str], batches: list[torch.Tensor]) -> dict[str, torch.Tensor]:
-    """``H = 2/N sum x x^T`` of each named linear's inputs over the calibration tokens."""
-    hessians: dict[str, torch.Tensor] = {}
-    counts: dict[str, int] = {}
-
-    def hook(name):
-        def fn(_module, args):
-            x = args[0].reshape(-1, args[0].shape[-1]).float()
-            hessians[name] = hessians.get(name, 0) + 2 * x.t() @ x
-            counts[name] = counts.get(name, 0) + x.shape[0]
-
-        return fn
-
-    handles = [model.get_submodule(n).register_forward_pre_hook(hook(n)) for n in names]
-    try:
-        for ids in batches:
-            model(input_ids=ids)
-    finally:
-        for h in handles:
-            h.remove()
-    return {n: hessians[n] / counts[n] for n in names}
-
-
 def finalize(model: nn.Module, cfg: PTQConfig, layer_names: list[str], calibration: list[torch.Tensor]) -> None:
     """Merge a float LoRA if any, then replace the target linears by RTN or GPTQ ``QuantizedLinear``s."""
     if cfg.lora_first:
         _merge_lora(model)
-    hessians = collect_hessians(model, layer_names, calibration[: cfg.calib_samples]) if cfg.algorithm == "gptq" else {}
 
-    def make(name: str, linear: nn.Linear) -> QuantizedLinear:
+    def rtn(name: str, linear: nn.Linear) -> QuantizedLinear:
         w = linear.weight.detach().float()
-        if cfg.algorithm == "gptq":
-            q, scale, offset = gptq_quantize(w, hessians.pop(name), cfg.n_bits, cfg.group_size, cfg.damp)
-        else:
-            scale, offset = minmax_scale_offset(w, cfg.n_bits, cfg.group_size)
-            q = quantize(w, scale, offset, cfg.n_bits, cfg.group_size).to(torch.int8)
+        scale, offset = minmax_scale_offset(w, cfg.n_bits, cfg.group_size)
+        q = quantize(w, scale, offset, cfg.n_bits, cfg.group_size).to(torch.int8)
         return QuantizedLinear.from_codes(q, scale, offset, cfg.n_bits, cfg.group_size, linear.bias)
 
-    names = set(layer_names)
-    replace_linears(model, make, lambda n, _m: n in names)
+    def gptq_layers(names: list[str], hessians: dict[str, torch.Tensor]) -> None:
+        def make(name: str, linear: nn.Linear) -> QuantizedLinear:
+            w = linear.weight.detach().float()
+            q, scale, offset = gptq_quantize(w, hessians.pop(name), cfg.n_bits, cfg.group_size, cfg.damp)
+            return QuantizedLinear.from_codes(q, scale, offset, cfg.n_bits, cfg.group_size, linear.bias)
+
+        wanted = set(names)
+        replace_linears(model, make, lambda n, _m: n in wanted)
+
+    batches = calibration[: cfg.calib_samples]
+    if cfg.algorithm == "rtn":
+        wanted = set(layer_names)
+        replace_linears(model, rtn, lambda n, _m: n in wanted)
+    elif cfg.sequential:
+        quantize_block_by_block(model, layer_names, batches, gptq_layers)
+    else:
+        gptq_layers(layer_names, collect_hessians(model, layer_names, batches))
