@@ -23,6 +23,9 @@ from transformers import (
     Qwen3ForCausalLM,
 )
 
+from dlqat.methods.dl_qat import DLQATConfig
+from dlqat.train import TrainConfig
+
 VOCAB = 320
 CORPUS = (
     "The quick brown fox jumps over the lazy dog. A quantized model stores integer codes and a scale "
@@ -124,3 +127,30 @@ def tiny_args(model_dir: Path, text_file: Path, out: Path, **flags) -> list[str]
         **flags,
     }
     return [arg for key, value in values.items() for arg in (f"--{key}", str(value))] + ["--no_progress"]
+
+
+def tiny_eval_args(path: Path, text_file: Path, output: Path, max_windows: int = 2, *extra: str) -> list[str]:
+    """`dlqat eval` argv: perplexity of ``path`` on the tiny text in 32-token windows, saved to ``output``."""
+    return ["eval", str(path), "--eval-data", str(text_file), "--seq-len", "32", "--max-windows", str(max_windows),
+            "--output", str(output), *extra]  # fmt: skip
+
+
+def tiny_configs(tiny_model_dir, text_file, out, **overrides):
+    """``(DLQATConfig, TrainConfig)`` for a seconds-long Python-API run (``overrides`` go to whichever has the field)."""
+    method = dict(n_bits=3, group_size=32, rank=4, phase1_steps=3, phase2_steps=12, lr=1e-2, quant_lr=1e-3)
+    run = dict(
+        model=str(tiny_model_dir),
+        data=str(text_file),
+        eval_data=str(text_file),
+        output_dir=str(out),
+        seq_len=32,
+        grad_accum=2,
+        micro_batch_size=2,
+        eval_seq_len=32,
+        eval_max_windows=8,
+        save_every=4,
+        progress=False,
+    )
+    for key, value in overrides.items():
+        (method if key in method else run)[key] = value
+    return DLQATConfig(**method), TrainConfig(**run)

@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import tiny_args, tiny_model
+from conftest import tiny_args, tiny_eval_args, tiny_model
 from dlqat.cli import main, parse_train_args
 from dlqat.export import convert
 from dlqat.layers import QuantizedLinear
@@ -149,23 +149,7 @@ def test_every_method_runs_from_the_cli(method, tiny_model_dir, text_file, tmp_p
     assert results["settings"]["method"] == method and method in results["perplexity"]
     if method != "rtn":
         assert ("rtn" in results["perplexity"]) == METHODS[method][0].STARTS_AT_RTN
-    assert (
-        main(
-            [
-                "eval",
-                str(out),
-                "--eval-data",
-                str(text_file),
-                "--seq-len",
-                "32",
-                "--max-windows",
-                "2",
-                "--output",
-                str(tmp_path / "e.json"),
-            ]
-        )
-        == 0
-    )
+    assert main(tiny_eval_args(out, text_file, tmp_path / "e.json")) == 0
     assert json.loads((tmp_path / "e.json").read_text())["perplexity"]["perplexity"] == results["perplexity"][method]
 
 

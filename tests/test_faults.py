@@ -11,9 +11,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from conftest import tiny_configs
 from dlqat.layers import QuantLoRALinear
-from dlqat.methods.dl_qat import DLQATConfig
-from dlqat.train import TrainConfig, train
+from dlqat.train import train
 
 
 def common(model, data, phase2_steps=4):
@@ -144,19 +144,10 @@ def test_nan_loss_stops_with_a_clear_message_and_keeps_the_checkpoint(tiny_model
         return y * float("nan") if calls["n"] > 14 * 2 * 5 else y  # 14 layers: after the RTN eval and 4 steps
 
     monkeypatch.setattr(QuantLoRALinear, "forward", poisoned)
-    method = DLQATConfig(group_size=32, rank=4, phase1_steps=2, phase2_steps=6)
-    cfg = TrainConfig(
-        model=str(tiny_model_dir),
-        data=str(text_file),
-        eval_data=str(text_file),
-        output_dir=str(tmp_path / "nan"),
-        seq_len=32,
-        grad_accum=2,
-        eval_seq_len=32,
-        eval_max_windows=2,
-        save_every=2,
-        progress=False,
-    )
+    method, cfg = tiny_configs(
+        tiny_model_dir, text_file, tmp_path / "nan", n_bits=4, rank=4, phase1_steps=2, phase2_steps=6, lr=2e-4,
+        quant_lr=1e-4, micro_batch_size=1, eval_max_windows=2, save_every=2,
+    )  # fmt: skip
     with pytest.raises(FloatingPointError, match=r"loss became nan at step \d+ .*checkpoint.pt"):
         train(method, cfg)
     ckpt = torch.load(tmp_path / "nan" / "checkpoint.pt", weights_only=False)

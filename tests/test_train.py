@@ -10,35 +10,14 @@ import torch
 from safetensors.torch import load_file
 
 import dlqat.train as train_mod
-from conftest import tiny_args
+from conftest import tiny_args, tiny_configs, tiny_eval_args
 from dlqat.cli import main
 from dlqat.layers import QuantLoRALinear
-from dlqat.methods.dl_qat import DLQATConfig
-from dlqat.train import TrainConfig, train
-
-
-def configs(tiny_model_dir, text_file, out, **overrides):
-    method = dict(n_bits=3, group_size=32, rank=4, phase1_steps=3, phase2_steps=12, lr=1e-2, quant_lr=1e-3)
-    run = dict(
-        model=str(tiny_model_dir),
-        data=str(text_file),
-        eval_data=str(text_file),
-        output_dir=str(out),
-        seq_len=32,
-        grad_accum=2,
-        micro_batch_size=2,
-        eval_seq_len=32,
-        eval_max_windows=8,
-        save_every=4,
-        progress=False,
-    )
-    for key, value in overrides.items():
-        (method if key in method else run)[key] = value
-    return DLQATConfig(**method), TrainConfig(**run)
+from dlqat.train import train
 
 
 def test_training_lowers_loss_and_writes_the_run(tiny_model_dir, text_file, tmp_path):
-    results = train(*configs(tiny_model_dir, text_file, tmp_path / "run"))
+    results = train(*tiny_configs(tiny_model_dir, text_file, tmp_path / "run"))
     ppl = results["perplexity"]
     assert ppl["dl_qat"] < 0.9 * ppl["rtn"], ppl
     log = [json.loads(line) for line in (tmp_path / "run" / "train_log.jsonl").read_text().splitlines()]
@@ -63,7 +42,7 @@ class Killed(Exception):
 
 
 def test_killed_run_resumes_to_the_same_result(tiny_model_dir, text_file, tmp_path, monkeypatch):
-    train(*configs(tiny_model_dir, text_file, tmp_path / "straight"))
+    train(*tiny_configs(tiny_model_dir, text_file, tmp_path / "straight"))
 
     real_save = train_mod._save_checkpoint
 
@@ -74,12 +53,12 @@ def test_killed_run_resumes_to_the_same_result(tiny_model_dir, text_file, tmp_pa
 
     monkeypatch.setattr(train_mod, "_save_checkpoint", save_then_die)
     with pytest.raises(Killed):
-        train(*configs(tiny_model_dir, text_file, tmp_path / "killed"))
+        train(*tiny_configs(tiny_model_dir, text_file, tmp_path / "killed"))
     monkeypatch.undo()
     assert torch.load(tmp_path / "killed" / "checkpoint.pt", weights_only=False)["step"] == 8
     with pytest.raises(FileExistsError, match="--resume"):
-        train(*configs(tiny_model_dir, text_file, tmp_path / "killed"))
-    train(*configs(tiny_model_dir, text_file, tmp_path / "killed", resume=True))
+        train(*tiny_configs(tiny_model_dir, text_file, tmp_path / "killed"))
+    train(*tiny_configs(tiny_model_dir, text_file, tmp_path / "killed", resume=True))
     straight = load_file(tmp_path / "straight" / "quant_state.safetensors")
     resumed = load_file(tmp_path / "killed" / "quant_state.safetensors")
     assert straight.keys() == resumed.keys()
@@ -99,46 +78,11 @@ def test_cli_train_then_eval_reproduces_the_reported_perplexity(tiny_model_dir, 
     )
     assert rc == 0 and "| dl_qat |" in capsys.readouterr().out
     reported = json.loads((out / "results.json").read_text())["perplexity"]["dl_qat"]
-    assert (
-        main(
-            [
-                "eval",
-                str(out),
-                "--eval-data",
-                str(text_file),
-                "--seq-len",
-                "32",
-                "--max-windows",
-                "4",
-                "--output",
-                str(tmp_path / "e.json"),
-            ]
-        )
-        == 0
-    )
+    assert main(tiny_eval_args(out, text_file, tmp_path / "e.json", 4)) == 0
     assert json.loads((tmp_path / "e.json").read_text())["perplexity"]["perplexity"] == reported
     # RTN of the float model through `dlqat eval` equals the run's RTN row
-    assert (
-        main(
-            [
-                "eval",
-                str(tiny_model_dir),
-                "--rtn-bits",
-                "4",
-                "--group-size",
-                "32",
-                "--eval-data",
-                str(text_file),
-                "--seq-len",
-                "32",
-                "--max-windows",
-                "4",
-                "--output",
-                str(tmp_path / "r.json"),
-            ]
-        )
-        == 0
-    )
+    rtn_flags = ("--rtn-bits", "4", "--group-size", "32")
+    assert main(tiny_eval_args(tiny_model_dir, text_file, tmp_path / "r.json", 4, *rtn_flags)) == 0
     rtn = json.loads((out / "results.json").read_text())["perplexity"]["rtn"]
     assert json.loads((tmp_path / "r.json").read_text())["perplexity"]["perplexity"] == pytest.approx(rtn, rel=1e-6)
 
@@ -175,9 +119,9 @@ def test_gradient_checkpointing_gives_the_same_training(tiny_model_dir, text_fil
     monkeypatch.setattr(
         QuantLoRALinear, "forward", lambda self, x: recomputed.append(torch.is_grad_enabled()) or real(self, x)
     )
-    train(*configs(tiny_model_dir, text_file, tmp_path / "plain", phase2_steps=3))
+    train(*tiny_configs(tiny_model_dir, text_file, tmp_path / "plain", phase2_steps=3))
     plain_calls = len(recomputed)
-    train(*configs(tiny_model_dir, text_file, tmp_path / "ckpt", phase2_steps=3, gradient_checkpointing=True))
+    train(*tiny_configs(tiny_model_dir, text_file, tmp_path / "ckpt", phase2_steps=3, gradient_checkpointing=True))
     assert len(recomputed) - plain_calls > plain_calls  # the decoder layers ran again in backward
     plain, ckpt = (load_file(tmp_path / r / "quant_state.safetensors") for r in ("plain", "ckpt"))
     for key in plain:

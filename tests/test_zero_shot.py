@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 
+from conftest import tiny_eval_args
 from dlqat.cli import main
 from dlqat.eval.zero_shot import mmlu_summary
 
@@ -51,28 +52,8 @@ def test_eval_and_report_cli(tiny_model_dir, text_file, tmp_path, capsys):
         ("float", []),
         ("w4a8kv8", ["--rtn-bits", "4", "--group-size", "32", "--act-bits", "8", "--kv-bits", "8"]),
     ):
-        assert (
-            main(
-                [
-                    "eval",
-                    str(tiny_model_dir),
-                    "--eval-data",
-                    str(text_file),
-                    "--seq-len",
-                    "32",
-                    "--max-windows",
-                    "2",
-                    "--tasks",
-                    "piqa",
-                    "--limit",
-                    "2",
-                    "--output",
-                    str(tmp_path / f"{name}.json"),
-                    *extra,
-                ]
-            )
-            == 0
-        )
+        tasks = ("--tasks", "piqa", "--limit", "2", *extra)
+        assert main(tiny_eval_args(tiny_model_dir, text_file, tmp_path / f"{name}.json", 2, *tasks)) == 0
     assert main(["eval", str(tiny_model_dir), "--no-ppl", "--tasks", "winogrande", "--limit", "2", "--append",
                  "--output", str(tmp_path / "float.json")]) == 0  # fmt: skip
     merged = json.loads((tmp_path / "float.json").read_text())
