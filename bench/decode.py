@@ -162,7 +162,9 @@ def main() -> None:
 
     ppl_embed = [f"bf16 table {ppl_ours:.3f}"]
     for bits, group in ((8, 128), (4, 32)):  # the tied embedding/head table quantized too
-        embed_dir = export(qdir, "dlqat", work / f"packed-e{bits}", dtype="bf16", embed_bits=bits, embed_group_size=group)
+        embed_dir = export(
+            qdir, "dlqat", work / f"packed-e{bits}", dtype="bf16", embed_bits=bits, embed_group_size=group
+        )
         e_model, _ = load_quantized(embed_dir, dtype=torch.float32)
         set_backend(e_model, "auto")
         dec, pre, ids = hf_speeds(e_model, prompt, prefill, args.tokens)

@@ -72,10 +72,23 @@ def test_export_errors(run_dir, tmp_path, capsys):
 @pytest.mark.parametrize("backend", ["auto", "dequant"])
 def test_export_with_quantized_embedding_generates(run_dir, tmp_path, capsys, backend):
     out = tmp_path / "e4"
-    argv = ["export", str(run_dir), "--embed-bits", "4", "--embed-group-size", "32", "--dtype", "fp32", "--out", str(out)]
+    argv = [
+        "export",
+        str(run_dir),
+        "--embed-bits",
+        "4",
+        "--embed-group-size",
+        "32",
+        "--dtype",
+        "fp32",
+        "--out",
+        str(out),
+    ]
     assert main(argv) == 0
     capsys.readouterr()
     assert main(["generate", str(out), "--prompt", "The quick", "--max-new-tokens", "5", "--backend", backend]) == 0
     assert capsys.readouterr().out.startswith("The quick")
-    assert main(["export", str(run_dir), "--format", "gguf", "--embed-bits", "8", "--out", str(tmp_path / "m.gguf")]) == 2
+    assert (
+        main(["export", str(run_dir), "--format", "gguf", "--embed-bits", "8", "--out", str(tmp_path / "m.gguf")]) == 2
+    )
     assert "only the dlqat format" in capsys.readouterr().err

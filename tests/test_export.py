@@ -82,7 +82,9 @@ def test_quantized_tied_embedding_is_the_rtn_table_and_round_trips(tmp_path, tok
     with torch.no_grad():
         float_logits = model(input_ids=ids).logits
         float_table = table.detach().clone()
-        table.copy_(fake_quantize(float_table, *minmax_scale_offset(float_table, n_bits, group_size), n_bits, group_size))
+        table.copy_(
+            fake_quantize(float_table, *minmax_scale_offset(float_table, n_bits, group_size), n_bits, group_size)
+        )
         reference = model(input_ids=ids).logits  # the plain model with an RTN table, embedding and head
         table.copy_(float_table)
         meta = quantize_tied_embedding(model, n_bits, group_size)

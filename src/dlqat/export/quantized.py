@@ -166,7 +166,10 @@ def save_quantized(
         model.config.save_pretrained(tmp)
         # what transformers' loader reads (dlqat.export.hf_quantizer registers the method)
         config = json.loads((tmp / "config.json").read_text())
-        config["quantization_config"] = {"quant_method": "dlqat", **{k: v for k, v in meta.items() if k != "source_gguf"}}
+        config["quantization_config"] = {
+            "quant_method": "dlqat",
+            **{k: v for k, v in meta.items() if k != "source_gguf"},
+        }
         (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)

@@ -41,7 +41,9 @@ class PTQConfig(QuantMethodConfig):
     damp: float = field(default=0.01, metadata={"help": "GPTQ dampening, fraction of the mean Hessian diagonal"})
     sequential: bool = field(
         default=True,
-        metadata={"help": "GPTQ block by block on the quantized blocks' outputs (reference GPTQ); false: one float pass"},
+        metadata={
+            "help": "GPTQ block by block on the quantized blocks' outputs (reference GPTQ); false: one float pass"
+        },
     )
 
     def __post_init__(self) -> None:
