@@ -1,4 +1,4 @@
-"""Scale-out and faults: 2-process DDP equals one process, kill -9 then --resume, NaN stops cleanly."""
+"""Scale-out and faults: 2-process DDP, FSDP2 and ZeRO equal one process, kill -9 then --resume, NaN stops cleanly."""
 
 import json
 import os
@@ -6,6 +6,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -45,6 +46,8 @@ def common(model, data, phase2_steps=4):
         "--no_progress",
         "--grad_accum",
         "2",
+        "--max_grad_norm",
+        "0.5",  # below these gradients' norms: each engine must clip as one process does
     ]
 
 
@@ -55,50 +58,96 @@ def losses(run):
     return [json.loads(line)["loss"] for line in (run / "train_log.jsonl").read_text().splitlines()]
 
 
-def test_ddp_two_processes_match_one_process(tiny_model_dir, text_file, tmp_path):
-    args = common(tiny_model_dir, text_file)
-    subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "dlqat",
-            "train",
-            *args,
-            "--output_dir",
-            str(tmp_path / "one"),
-            "--micro_batch_size",
-            "2",
-        ],
-        check=True,
-        env=ENV,
-        capture_output=True,
+# Each engine as `accelerate launch` would start it: torchrun's program and the environment it sets.
+# FSDP goes through tests/fsdp_on_cpu.py (Accelerate makes FSDP only on accelerators; see there).
+ENGINES = {
+    "ddp": (["-m", "dlqat"], ENV),
+    "fsdp2": (
+        [str(Path(__file__).with_name("fsdp_on_cpu.py"))],
+        {**ENV, "ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2"},
+    ),
+    "zero1": (["-m", "dlqat"], {**ENV, "ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "1"}),
+    "zero2": (["-m", "dlqat"], {**ENV, "ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "2"}),
+}
+
+
+def run_two_processes(engine: str, *args: str, **popen) -> subprocess.CompletedProcess | subprocess.Popen:
+    """``dlqat train *args`` on 2 CPU processes under ``engine``; with ``popen`` returns the running launcher."""
+    if engine.startswith("zero"):
+        pytest.importorskip("deepspeed")
+    program, env = ENGINES[engine]
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        *program,
+        "train",
+    ]
+    if popen:
+        return subprocess.Popen([*command, *args], env=env, **popen)
+    return subprocess.run([*command, *args], env=env, check=True, capture_output=True)
+
+
+@pytest.fixture(scope="module")
+def one_process_run(tiny_model_dir, text_file, tmp_path_factory):
+    out = tmp_path_factory.mktemp("one")
+    args = common(tiny_model_dir, text_file) + ["--output_dir", str(out), "--micro_batch_size", "2"]
+    subprocess.run([sys.executable, "-m", "dlqat", "train", *args], check=True, env=ENV, capture_output=True)
+    return out
+
+
+@pytest.mark.parametrize("engine", list(ENGINES))
+def test_two_processes_match_one_process(engine, one_process_run, tiny_model_dir, text_file, tmp_path):
+    """Same global batch (2 x 1 example vs 1 x 2): same losses, same trained tensors, same perplexity."""
+    run_two_processes(
+        engine, *common(tiny_model_dir, text_file), "--output_dir", str(tmp_path), "--micro_batch_size", "1"
     )
-    subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--nproc_per_node",
-            "2",
-            "--master_port",
-            "29561",
-            "-m",
-            "dlqat",
-            "train",
-            *args,
-            "--output_dir",
-            str(tmp_path / "ddp"),
-            "--micro_batch_size",
-            "1",
-        ],
-        check=True,
-        env=ENV,
-        capture_output=True,
-    )
-    assert losses(tmp_path / "ddp") == pytest.approx(losses(tmp_path / "one"), rel=1e-5)
-    one, ddp = (load_file(tmp_path / r / "quant_state.safetensors") for r in ("one", "ddp"))
+    assert losses(tmp_path) == pytest.approx(losses(one_process_run), rel=1e-5)
+    one, two = (load_file(run / "quant_state.safetensors") for run in (one_process_run, tmp_path))
+    assert one.keys() == two.keys()
     for key in one:
-        torch.testing.assert_close(ddp[key], one[key], atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(two[key], one[key], atol=1e-5, rtol=1e-4)
+    ppl_one, ppl_two = (
+        json.loads((run / "results.json").read_text())["perplexity"] for run in (one_process_run, tmp_path)
+    )
+    assert ppl_two == pytest.approx(ppl_one, rel=1e-4)
+
+
+@pytest.mark.parametrize("engine", ["fsdp2", "zero2"])
+def test_sharded_kill_9_then_resume_ends_like_an_uninterrupted_run(engine, tiny_model_dir, text_file, tmp_path):
+    """Checkpoints gather the sliced tensors and optimizer state into one file; resuming hands each rank
+    its part back, exactly (FSDP2: sliced parameters and moments; ZeRO: per-rank optimizer partitions)."""
+    args = common(tiny_model_dir, text_file, phase2_steps=40) + ["--save_every", "3", "--micro_batch_size", "1"]
+    straight, run = tmp_path / "straight", tmp_path / "killed"
+    run_two_processes(engine, *args, "--output_dir", str(straight))
+    launcher = run_two_processes(
+        engine, *args, "--output_dir", str(run),
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        start_new_session=True,  # one process group: torchrun and both workers die together
+    )  # fmt: skip
+    deadline = time.time() + 120
+    while time.time() < deadline and not (run / "checkpoint.pt").is_file():
+        time.sleep(0.05)
+    os.killpg(launcher.pid, signal.SIGKILL)
+    launcher.wait()
+    checkpoint = torch.load(run / "checkpoint.pt", weights_only=False)
+    assert 3 <= checkpoint["step"] < 42 and not (run / "results.json").exists()
+    assert checkpoint["quant_state"]["model.layers.0.self_attn.q_proj.lora_a"].shape == (4, 64)  # whole, not a slice
+    resumed_alone = subprocess.run(
+        [sys.executable, "-m", "dlqat", "train", *args, "--output_dir", str(run), "--resume"],
+        env=ENV,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert resumed_alone.returncode != 0 and "resume on the engine that wrote it" in resumed_alone.stderr
+    run_two_processes(engine, *args, "--output_dir", str(run), "--resume")
+    expected, resumed = (load_file(r / "quant_state.safetensors") for r in (straight, run))
+    for key in expected:
+        torch.testing.assert_close(resumed[key], expected[key], atol=0, rtol=0)
 
 
 def test_kill_9_then_resume_ends_like_an_uninterrupted_run(tiny_model_dir, text_file, tmp_path):

@@ -13,9 +13,9 @@ import math
 import os
 import resource
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Iterator
 
 import torch
 from accelerate import Accelerator
@@ -32,6 +32,15 @@ from dlqat.methods import QuantMethodConfig, method_module, method_name
 from dlqat.methods.base import Phase, count_parameters, set_trainable
 from dlqat.models import load_model, source_gguf
 from dlqat.quant.lean_linear import set_compile
+from dlqat.sharding import (
+    gather_parameters,
+    is_fsdp,
+    load_optimizer_state,
+    make_accelerator,
+    optimizer_layout,
+    optimizer_state,
+    release_engine,
+)
 
 log = logging.getLogger(__name__)
 
@@ -148,12 +157,11 @@ _QUANT_KINDS = ("lora_a", "lora_b", "magnitude", "scale", "offset")
 
 
 def _quant_state(model: torch.nn.Module, schedule: list[Phase] = ()) -> dict[str, torch.Tensor]:
-    """Every tensor a method trains (A, B, m, scale, offset; full-weight QAT: the weights), by name."""
-    return {
-        n: p.detach().cpu().clone()
-        for n, p in model.named_parameters()
-        if n.rsplit(".", 1)[-1] in _QUANT_KINDS or any(phase.trains(n) for phase in schedule)
-    }
+    """Every tensor a method trains (A, B, m, scale, offset; full-weight QAT: the weights), whole, by
+    name. A collective under FSDP: every rank calls it."""
+    return gather_parameters(
+        model, lambda n: n.rsplit(".", 1)[-1] in _QUANT_KINDS or any(phase.trains(n) for phase in schedule)
+    )
 
 
 def _batches(examples, cfg: TrainConfig, pad_id: int, start: int, accelerator: Accelerator) -> Iterator[dict]:
@@ -178,10 +186,7 @@ def train(method_cfg: QuantMethodConfig, cfg: TrainConfig) -> dict:
     mixed = cfg.mixed_precision
     if mixed == "auto":
         mixed = "bf16" if torch.cuda.is_available() else "no"
-    # cpu=True lets Accelerate run several CPU processes (gloo) under torchrun; GPUs are used when present.
-    accelerator = Accelerator(
-        gradient_accumulation_steps=cfg.grad_accum, mixed_precision=mixed, cpu=not torch.cuda.is_available()
-    )
+    accelerator = make_accelerator(cfg.grad_accum, mixed, cfg.micro_batch_size, cfg.max_grad_norm)
     main = accelerator.is_main_process
     set_seed(cfg.seed)
     out.mkdir(parents=True, exist_ok=True)
@@ -207,6 +212,11 @@ def train(method_cfg: QuantMethodConfig, cfg: TrainConfig) -> dict:
     )
 
     ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False) if cfg.resume else None
+    if ckpt and ckpt["optimizer_layout"] != optimizer_layout(accelerator):
+        raise ValueError(
+            f"{ckpt_path}: optimizer state laid out as {ckpt['optimizer_layout']!r} (written by a run on another "
+            f"engine); this run needs {optimizer_layout(accelerator)!r}: resume on the engine that wrote it"
+        )
     results = ckpt["results"] if ckpt else {"perplexity": {}}
 
     def evaluate(label: str) -> None:
@@ -254,7 +264,7 @@ def train(method_cfg: QuantMethodConfig, cfg: TrainConfig) -> dict:
             continue
         model, optimizer = _start_phase(accelerator, model, phase, cfg)
         if ckpt and ckpt.get("phase") == phase.name:
-            optimizer.load_state_dict(ckpt["optimizer"])
+            load_optimizer_state(accelerator, model, optimizer, ckpt["optimizer"])
         bar = tqdm(total=phase.steps, initial=step - phase_start, desc=phase.name, disable=not (main and cfg.progress))
         while step < phase_end:
             t0 = time.perf_counter()
@@ -296,11 +306,13 @@ def train(method_cfg: QuantMethodConfig, cfg: TrainConfig) -> dict:
         log_file.close()
 
     model = accelerator.unwrap_model(model)
-    model.eval()
+    trained = _quant_state(model, schedule)
+    if is_fsdp(accelerator):  # the main process finishes alone: on a whole copy, not on a shard
+        model = _rebuild(cfg, method, method_cfg, trained, accelerator.device) if main else None
+        act_hooks = install_act_quant(model, cfg.act_bits, cfg.kv_bits) if main else []
     if main:
-        save_file(
-            {k: v.contiguous() for k, v in _quant_state(model, schedule).items()}, out / "quant_state.safetensors"
-        )
+        model.eval()
+        save_file({k: v.contiguous() for k, v in trained.items()}, out / "quant_state.safetensors")
         if hasattr(method, "finalize"):
             calibration = [collate([e], tokenizer.pad_token_id)["input_ids"].to(accelerator.device) for e in examples]
             with torch.no_grad():
@@ -334,10 +346,24 @@ def _peak_memory_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def _rebuild(cfg: TrainConfig, method, method_cfg: QuantMethodConfig, trained: dict, device) -> torch.nn.Module:
+    """A whole (unsharded) copy of the trained model: the base model, the method's layers, the trained tensors."""
+    model, _ = load_model(cfg.model)
+    model.to(device)
+    method.prepare(model, method_cfg)
+    missing = set(trained) - set(model.state_dict())
+    if missing:
+        raise RuntimeError(f"rebuilding the trained model: no place for {sorted(missing)[:4]}")
+    model.load_state_dict({k: v.to(device) for k, v in trained.items()}, strict=False)
+    return model
+
+
 def _start_phase(accelerator: Accelerator, model, phase: Phase, cfg: TrainConfig):
     """Freeze all but the phase's parameters and (re)wrap the model: DDP fixes its set of
-    gradient-synchronised parameters when it wraps, so every phase wraps afresh."""
+    gradient-synchronised parameters when it wraps, a DeepSpeed engine its optimizer, so every phase
+    wraps afresh (FSDP2 keeps its sharding and follows ``requires_grad``)."""
     model = accelerator.unwrap_model(model)
+    release_engine(accelerator)
     selected = set_trainable(model, phase.trains)
     if not selected:
         raise ValueError(f"{phase.name}: no parameter to train")
@@ -348,14 +374,16 @@ def _start_phase(accelerator: Accelerator, model, phase: Phase, cfg: TrainConfig
 
 def _save_checkpoint(accelerator, model, optimizer, step, phase, results, path: Path, schedule) -> None:
     accelerator.wait_for_everyone()
+    model = accelerator.unwrap_model(model)
+    state = {  # gathered on every rank (collectives under FSDP), written by the main one
+        "step": step,
+        "phase": phase.name,
+        "quant_state": _quant_state(model, schedule),
+        "optimizer": optimizer_state(accelerator, model, optimizer),
+        "optimizer_layout": optimizer_layout(accelerator),
+        "results": results,
+    }
     if accelerator.is_main_process:
-        state = {
-            "step": step,
-            "phase": phase.name,
-            "quant_state": _quant_state(accelerator.unwrap_model(model), schedule),
-            "optimizer": optimizer.state_dict(),
-            "results": results,
-        }
         _atomic_torch_save(state, path)
 
 
@@ -364,8 +392,10 @@ def write_results(results: dict, out: Path) -> None:
     (out / "results.json").write_text(json.dumps(results, indent=2))
     s = results.get("settings", {})
     lines = [
-        f"# Perplexity: {s.get('method')} W{s.get('n_bits')} g{s.get('group_size')}, rank {s.get('rank')}, "
-        f"{s.get('steps')} steps",
+        (
+            f"# Perplexity: {s.get('method')} W{s.get('n_bits')} g{s.get('group_size')}, rank {s.get('rank')}, "
+            f"{s.get('steps')} steps"
+        ),
         "",
         f"{results.get('eval', '')}",
         "",
