@@ -116,6 +116,18 @@ def test_two_processes_match_one_process(engine, one_process_run, tiny_model_dir
     assert ppl_two == pytest.approx(ppl_one, rel=1e-4)
 
 
+def test_fsdp2_bf16_trains_like_ddp_bf16(tiny_model_dir, text_file, tmp_path):
+    """Under bf16 FSDP2 keeps fp32 parameters and autocasts like DDP: the quantizer reads the same fp32
+    scales, offsets and adapters the export uses (Accelerate's default policy would cast them to bf16)."""
+    args = common(tiny_model_dir, text_file) + ["--micro_batch_size", "1", "--mixed_precision", "bf16"]
+    for engine in ("ddp", "fsdp2"):
+        run_two_processes(engine, *args, "--output_dir", str(tmp_path / engine))
+    assert losses(tmp_path / "fsdp2") == pytest.approx(losses(tmp_path / "ddp"), rel=1e-6, abs=0)
+    ddp, fsdp = (load_file(tmp_path / r / "quant_state.safetensors") for r in ("ddp", "fsdp2"))
+    for key in ddp:
+        torch.testing.assert_close(fsdp[key], ddp[key], atol=1e-6, rtol=1e-5)
+
+
 @pytest.mark.parametrize("engine", ["fsdp2", "zero2"])
 def test_sharded_kill_9_then_resume_ends_like_an_uninterrupted_run(engine, tiny_model_dir, text_file, tmp_path):
     """Checkpoints gather the sliced tensors and optimizer state into one file; resuming hands each rank

@@ -113,3 +113,23 @@ def test_lean_and_autograd_paths_agree(clip_mode):
     torch.testing.assert_close(y_lean, y_ref, atol=0, rtol=0)
     for a, b in zip(g_lean, g_ref):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("lean", [True, False])
+def test_bf16_autocast_quantizes_the_weight_the_export_stores(lean):
+    """Under autocast only the layer's matmul is bf16: the codes come from the fp32 merged weight, as in
+    the export (a bf16 ``B @ A`` would move weights near a rounding boundary to the next code)."""
+    linear = nn.Linear(256, 128, bias=False)
+    layer = make(linear, rank=16)
+    layer.lean = lean
+    with torch.no_grad():
+        layer.lora_a.normal_(0, 1.0)
+        layer.lora_b.normal_(0, 0.02)
+    q, scale, offset = layer.to_codes()
+    w_export = dequantize(q.float(), scale, offset, 32)
+    x = torch.randn(4, 256)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = layer(x)
+        y_ref = F.linear(x, w_export)
+    assert y.dtype == torch.bfloat16
+    torch.testing.assert_close(y, y_ref, atol=0, rtol=0)

@@ -14,7 +14,13 @@ from collections.abc import Callable
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DistributedType, InitProcessGroupKwargs, send_to_device
+from accelerate.utils import (
+    DistributedType,
+    FullyShardedDataParallelPlugin,
+    InitProcessGroupKwargs,
+    send_to_device,
+)
+from torch.distributed.fsdp import MixedPrecisionPolicy
 from torch.distributed.tensor import DTensor
 
 # How a checkpoint's optimizer state is laid out; a run resumes only from its own layout.
@@ -30,7 +36,7 @@ def make_accelerator(grad_accum: int, mixed_precision: str, micro_batch_size: in
         accelerator = Accelerator(**common, kwargs_handlers=[InitProcessGroupKwargs(backend="gloo")])
     else:
         # cpu=True lets Accelerate run several CPU processes (gloo) under torchrun
-        accelerator = Accelerator(**common, cpu=not on_gpu)
+        accelerator = Accelerator(**common, cpu=not on_gpu, fsdp_plugin=_fsdp_plugin())
     check_supported(accelerator)
     if is_deepspeed(accelerator):  # what a DataLoader and a clip call would tell it in another loop
         config = accelerator.state.deepspeed_plugin.deepspeed_config
@@ -38,6 +44,22 @@ def make_accelerator(grad_accum: int, mixed_precision: str, micro_batch_size: in
             if config.get(key, "auto") == "auto":
                 config[key] = value
     return accelerator
+
+
+def _fsdp_plugin() -> FullyShardedDataParallelPlugin | None:
+    """The plugin ``accelerate launch --use_fsdp`` describes, keeping parameters fp32 under bf16.
+
+    Accelerate's default FSDP policy for bf16 casts every parameter to bf16 before the forward: the
+    quantizer would then round with bf16 scales, offsets and adapters while the export uses the fp32
+    ones. With fp32 parameters Accelerate's autocast still runs the matmuls in bf16 (the price: the
+    frozen weights are gathered in fp32). An explicit ``mixed_precision_policy`` in the config wins.
+    """
+    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() != "true":
+        return None
+    plugin = FullyShardedDataParallelPlugin()  # reads the launcher's FSDP_* environment
+    if plugin.fsdp_version == 2 and plugin.mixed_precision_policy is None:
+        plugin.mixed_precision_policy = MixedPrecisionPolicy(param_dtype=torch.float32, reduce_dtype=torch.float32)
+    return plugin
 
 
 def is_fsdp(accelerator: Accelerator) -> bool:

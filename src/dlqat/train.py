@@ -272,7 +272,8 @@ def train(method_cfg: QuantMethodConfig, cfg: TrainConfig) -> dict:
             for _ in range(cfg.grad_accum):
                 batch = next(batches)
                 with accelerator.accumulate(model):
-                    loss = model(**batch).loss
+                    with accelerator.autocast():  # Accelerate autocasts DDP's forward itself, not FSDP2's
+                        loss = model(**batch).loss
                     accelerator.backward(loss)
                     if accelerator.sync_gradients and cfg.max_grad_norm:
                         accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)

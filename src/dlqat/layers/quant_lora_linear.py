@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dlqat.quant import apply_magnitude, fake_quantize, minmax_scale_offset, n_groups, quantize
+from dlqat.quant import apply_magnitude, fake_quantize, merge_lora, minmax_scale_offset, n_groups, quantize
 from dlqat.quant.lean_linear import lean_qlora_linear
 
 
@@ -81,7 +81,7 @@ class QuantLoRALinear(nn.Module):
 
     def merged_weight(self) -> torch.Tensor:
         """``W0 + scaling * B @ A``, ``(out, in)``."""
-        return self.weight + self.scaling * (self.lora_b @ self.lora_a)
+        return merge_lora(self.weight, self.lora_a, self.lora_b, self.scaling)
 
     def scale_offset(self, merged: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if self.clip_mode is ClipMode.DYNAMIC:

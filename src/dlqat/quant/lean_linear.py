@@ -20,7 +20,16 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from dlqat.quant.primitives import SCALE_EPS, apply_magnitude, code_range, dequantize, from_groups, quantize, to_groups
+from dlqat.quant.primitives import (
+    SCALE_EPS,
+    apply_magnitude,
+    code_range,
+    dequantize,
+    from_groups,
+    merge_lora,
+    quantize,
+    to_groups,
+)
 
 
 def _group_cols(t: torch.Tensor, group_size: int, pad_value: float | None = None) -> torch.Tensor:
@@ -57,7 +66,7 @@ def _backward_elementwise(
     """
     lo, hi = code_range(n_bits)
     in_features = weight.shape[1]
-    merged = weight + scaling * (lora_b @ lora_a)
+    merged = merge_lora(weight, lora_a, lora_b, scaling)
     s = scale.clamp_min(SCALE_EPS).unsqueeze(-1)
     b = offset.unsqueeze(-1)
     u = (to_groups(merged, group_size) - b) / s  # (out, G, g)
@@ -103,7 +112,7 @@ def set_compile(enabled: bool) -> None:
 class _LeanQLoRALinear(torch.autograd.Function):
     @staticmethod
     def forward(x, weight, lora_a, lora_b, scale, offset, magnitude, bias, scaling, n_bits, group_size):
-        merged = weight + scaling * (lora_b @ lora_a)
+        merged = merge_lora(weight, lora_a, lora_b, scaling)
         q = quantize(merged, scale, offset, n_bits, group_size)
         w = dequantize(q, *apply_magnitude(scale, offset, magnitude), group_size)
         return F.linear(x, w.to(x.dtype), None if bias is None else bias.to(x.dtype))

@@ -89,6 +89,18 @@ def expand_groups(t: torch.Tensor, group_size: int, in_features: int) -> torch.T
     return t.repeat_interleave(g, dim=1)[:, :in_features]
 
 
+def merge_lora(weight: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, scaling: float) -> torch.Tensor:
+    """``W0 + scaling * B @ A`` in the weight's own dtype, also under autocast.
+
+    The codes must come from the merged weight the export computes: a bf16 ``B @ A`` (autocast's
+    choice for a matmul) moves weights near a rounding boundary to the neighbouring code.
+    """
+    if torch.amp.is_autocast_available(weight.device.type):
+        with torch.autocast(weight.device.type, enabled=False):
+            return weight + scaling * (lora_b @ lora_a)
+    return weight + scaling * (lora_b @ lora_a)
+
+
 def minmax_scale_offset(w: torch.Tensor, n_bits: int, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
     """DL-QAT's min/max init: max maps to code ``2^(n-1)-1`` and min to ``-2^(n-1)``.
 
