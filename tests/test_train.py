@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -126,3 +127,23 @@ def test_gradient_checkpointing_gives_the_same_training(tiny_model_dir, text_fil
     plain, ckpt = (load_file(tmp_path / r / "quant_state.safetensors") for r in ("plain", "ckpt"))
     for key in plain:
         torch.testing.assert_close(ckpt[key], plain[key], atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.skipif(shutil.which("g++") is None and shutil.which("c++") is None, reason="inductor needs a C++ compiler")
+def test_compile_gives_the_same_training(tiny_model_dir, text_file, tmp_path):
+    """``--compile`` fuses the quantized layers' elementwise work in forward and backward: same run."""
+    from dlqat.quant import lean_linear
+
+    train(*tiny_configs(tiny_model_dir, text_file, tmp_path / "eager", phase2_steps=3))
+    try:
+        train(*tiny_configs(tiny_model_dir, text_file, tmp_path / "compiled", phase2_steps=3, compile=True))
+    finally:
+        lean_linear.set_compile(False)
+    eager, compiled = (load_file(tmp_path / r / "quant_state.safetensors") for r in ("eager", "compiled"))
+    for key in eager:
+        torch.testing.assert_close(compiled[key], eager[key], atol=1e-5, rtol=1e-4)
+    losses = [
+        [json.loads(line)["loss"] for line in (tmp_path / r / "train_log.jsonl").read_text().splitlines()]
+        for r in ("eager", "compiled")
+    ]
+    assert losses[1] == pytest.approx(losses[0], rel=1e-5)

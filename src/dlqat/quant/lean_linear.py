@@ -95,13 +95,16 @@ _elementwise = _backward_elementwise
 
 
 def set_compile(enabled: bool) -> None:
-    """Run the backward's elementwise part through ``torch.compile`` (fused; needs a C++ compiler on CPU).
+    """Run the elementwise work around the two matmuls through ``torch.compile`` (fused; needs a C++
+    compiler on CPU): the training forward's fake-quantized weight and the backward's codes, masks and
+    group sums, both from :func:`_backward_elementwise`.
 
     Off by default because the first step pays the compile (about 20 s for a model's few layer shapes
-    on 2 CPU cores), which only a long run earns back. Gradients agree with the eager path to float
-    rounding (tested). The forward stays eager on purpose: its weight must equal the exported
-    ``scale * q + offset`` bit for bit, and inductor (torch 2.13, CPU) miscompiles the
-    ``repeat_interleave(...)[:, :n]`` of a ragged last group in ``dequantize``.
+    on 2 CPU cores), which only a long run earns back. Outputs and gradients agree with the eager path
+    to float rounding (tested). A forward without gradients (evaluation, RTN, the comparison with the
+    export) stays eager: there the weight must equal the exported ``scale * q + offset`` bit for bit.
+    (Inductor in torch 2.13, CPU, miscompiles ``dequantize``'s ``repeat_interleave(...)[:, :n]`` for a
+    ragged last group; the grouped layout of :func:`_backward_elementwise` does not use it.)
     """
     global _elementwise
     if enabled:  # one graph per (layer shape, requested gradients); a model has a handful of shapes
@@ -111,15 +114,21 @@ def set_compile(enabled: bool) -> None:
 
 class _LeanQLoRALinear(torch.autograd.Function):
     @staticmethod
-    def forward(x, weight, lora_a, lora_b, scale, offset, magnitude, bias, scaling, n_bits, group_size):
-        merged = merge_lora(weight, lora_a, lora_b, scaling)
-        q = quantize(merged, scale, offset, n_bits, group_size)
-        w = dequantize(q, *apply_magnitude(scale, offset, magnitude), group_size)
+    def forward(x, weight, lora_a, lora_b, scale, offset, magnitude, bias, scaling, n_bits, group_size, fused):
+        if fused:  # the compiled elementwise function, asked for the weight only
+            w = _elementwise(
+                weight, lora_a, lora_b, scale, offset, magnitude, None, scaling, n_bits, group_size,
+                True, False, False, False, False,
+            )[0]  # fmt: skip
+        else:
+            merged = merge_lora(weight, lora_a, lora_b, scaling)
+            q = quantize(merged, scale, offset, n_bits, group_size)
+            w = dequantize(q, *apply_magnitude(scale, offset, magnitude), group_size)
         return F.linear(x, w.to(x.dtype), None if bias is None else bias.to(x.dtype))
 
     @staticmethod
     def setup_context(ctx, inputs, output):  # noqa: ANN001
-        x, weight, lora_a, lora_b, scale, offset, magnitude, bias, scaling, n_bits, group_size = inputs
+        x, weight, lora_a, lora_b, scale, offset, magnitude, bias, scaling, n_bits, group_size, _ = inputs
         ctx.save_for_backward(x, weight, lora_a, lora_b, scale, offset, magnitude)
         ctx.has_bias = bias is not None
         ctx.scaling, ctx.n_bits, ctx.group_size = scaling, n_bits, group_size
@@ -151,7 +160,7 @@ class _LeanQLoRALinear(torch.autograd.Function):
                     d_b = ctx.scaling * (d_merged @ lora_a.t())
                 if need[2]:
                     d_a = ctx.scaling * (lora_b.t() @ d_merged)
-        return grad_x, None, d_a, d_b, d_scale, d_offset, d_mag, grad_bias, None, None, None
+        return grad_x, None, d_a, d_b, d_scale, d_offset, d_mag, grad_bias, None, None, None, None
 
 
 def lean_qlora_linear(
@@ -172,6 +181,7 @@ def lean_qlora_linear(
     Shapes: ``x (..., in)``, ``weight (out, in)`` frozen, ``lora_a (r, in)``, ``lora_b (out, r)``,
     ``scale``/``offset``/``magnitude`` ``(out, n_groups)``.
     """
+    fused = _elementwise is not _backward_elementwise and torch.is_grad_enabled()  # compiled, and training
     return _LeanQLoRALinear.apply(
-        x, weight, lora_a, lora_b, scale, offset, magnitude, bias, scaling, n_bits, group_size
+        x, weight, lora_a, lora_b, scale, offset, magnitude, bias, scaling, n_bits, group_size, fused
     )
