@@ -20,8 +20,6 @@ from accelerate.utils import (
     InitProcessGroupKwargs,
     send_to_device,
 )
-from torch.distributed.fsdp import MixedPrecisionPolicy
-from torch.distributed.tensor import DTensor
 
 # How a checkpoint's optimizer state is laid out; a run resumes only from its own layout.
 LAYOUT_WHOLE, LAYOUT_FSDP, LAYOUT_ZERO = "whole", "fsdp2-full-state", "zero-per-rank"
@@ -56,6 +54,8 @@ def _fsdp_plugin() -> FullyShardedDataParallelPlugin | None:
     """
     if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() != "true":
         return None
+    from torch.distributed.fsdp import MixedPrecisionPolicy  # torch >= 2.6, as Accelerate's FSDP2 needs
+
     plugin = FullyShardedDataParallelPlugin()  # reads the launcher's FSDP_* environment
     if plugin.fsdp_version == 2 and plugin.mixed_precision_policy is None:
         plugin.mixed_precision_policy = MixedPrecisionPolicy(param_dtype=torch.float32, reduce_dtype=torch.float32)
@@ -96,7 +96,7 @@ def release_engine(accelerator: Accelerator) -> None:
 
 def full_tensor(tensor: torch.Tensor) -> torch.Tensor:
     """The whole tensor on this rank (a collective for a sharded ``DTensor``: every rank must call it)."""
-    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+    return tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor  # DTensor
 
 
 def gather_parameters(model: torch.nn.Module, keep: Callable[[str], bool]) -> dict[str, torch.Tensor]:
