@@ -45,15 +45,18 @@ def make_accelerator(grad_accum: int, mixed_precision: str, micro_batch_size: in
 
 
 def _fsdp_plugin() -> FullyShardedDataParallelPlugin | None:
-    """The plugin ``accelerate launch --use_fsdp`` describes, keeping parameters fp32 under bf16.
+    """The plugin ``accelerate launch --use_fsdp`` describes, with two defaults of dlqat's.
 
-    Accelerate's default FSDP policy for bf16 casts every parameter to bf16 before the forward: the
-    quantizer would then round with bf16 scales, offsets and adapters while the export uses the fp32
-    ones. With fp32 parameters Accelerate's autocast still runs the matmuls in bf16 (the price: the
-    frozen weights are gathered in fp32). An explicit ``mixed_precision_policy`` in the config wins.
+    Sharding unit: one decoder layer (the model's ``_no_split_modules``) unless the launcher names a
+    wrap policy; Accelerate's own default (no wrap) would gather the whole model at once.
+    Precision: parameters stay fp32 under bf16. Accelerate's bf16 policy casts every parameter to
+    bf16 before the forward, so the quantizer would round with bf16 scales, offsets and adapters
+    while the export uses the fp32 ones; the loop autocasts the forward instead (the price: the
+    frozen weights are gathered in fp32).
     """
     if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() != "true":
         return None
+    os.environ.setdefault("FSDP_AUTO_WRAP_POLICY", "TRANSFORMER_BASED_WRAP")
     from torch.distributed.fsdp import MixedPrecisionPolicy  # torch >= 2.6, as Accelerate's FSDP2 needs
 
     plugin = FullyShardedDataParallelPlugin()  # reads the launcher's FSDP_* environment
