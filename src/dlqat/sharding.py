@@ -29,6 +29,8 @@ def make_accelerator(grad_accum: int, mixed_precision: str, micro_batch_size: in
     """Accelerate picks the engine from ``accelerate launch``'s environment; CPU-only hosts use gloo."""
     on_gpu = torch.cuda.is_available()
     common = {"gradient_accumulation_steps": grad_accum, "mixed_precision": mixed_precision}
+    if not on_gpu:  # say it rather than let DeepSpeed (imported by Accelerate when installed) guess and warn
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
     if not on_gpu and os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
         # DeepSpeed brings its own CPU accelerator; Accelerate only has to name the gloo backend.
         accelerator = Accelerator(**common, kwargs_handlers=[InitProcessGroupKwargs(backend="gloo")])
