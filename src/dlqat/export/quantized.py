@@ -32,7 +32,6 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from dlqat.layers import QuantizedEmbedding, QuantizedLinear
-from dlqat.quant import minmax_scale_offset, quantize
 from dlqat.surgery import replace_linears
 
 FORMAT = "dlqat-packed-v1"
@@ -102,10 +101,7 @@ def quantize_tied_embedding(model: PreTrainedModel, n_bits: int, group_size: int
             "embedding quantization needs tied input/output embeddings (config.tie_word_embeddings=True); "
             f"{type(model).__name__} has separate ones"
         )
-    weight = inp.weight.detach().float()
-    scale, offset = minmax_scale_offset(weight, n_bits, group_size)
-    q = quantize(weight, scale, offset, n_bits, group_size).to(torch.int8)
-    table = QuantizedLinear.from_codes(q, scale, offset, n_bits, group_size, getattr(head, "bias", None))
+    table = QuantizedLinear.round_to_nearest(inp.weight, n_bits, group_size, getattr(head, "bias", None))
     model.set_output_embeddings(table)
     _tie_by_construction(model, table, inp.weight.dtype)
     return {"n_bits": n_bits, "group_size": group_size, "head": _head_name(model)}

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dlqat.layers.int4_kernels import Int4Weight, int4_linear, int4_supported, to_int4_weight
-from dlqat.quant import dequantize, n_groups, resolve_group_size
+from dlqat.quant import dequantize, minmax_scale_offset, n_groups, quantize, resolve_group_size
 from dlqat.quant.bitpack import pack_codes, packed_width, unpack_codes
 
 BACKENDS = ("auto", "dequant", "int4")
@@ -69,6 +69,16 @@ class QuantizedLinear(nn.Module):
         layer.packed, layer.scale, layer.offset = pack_codes(q, n_bits), scale.detach(), offset.detach()
         layer.bias = None if bias is None else bias.detach()
         return layer
+
+    @classmethod
+    def round_to_nearest(
+        cls, weight: torch.Tensor, n_bits: int, group_size: int, bias: torch.Tensor | None = None
+    ) -> "QuantizedLinear":
+        """RTN of ``weight`` (fp32 math; min/max groups, as DL-QAT's init) as a packed layer."""
+        w = weight.detach().float()
+        scale, offset = minmax_scale_offset(w, n_bits, group_size)
+        q = quantize(w, scale, offset, n_bits, group_size).to(torch.int8)
+        return cls.from_codes(q, scale, offset, n_bits, group_size, bias)
 
     def codes(self) -> torch.Tensor:
         """Signed int8 codes ``(out, in)``."""

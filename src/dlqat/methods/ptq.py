@@ -18,7 +18,6 @@ from torch import nn
 from dlqat.layers import ClipMode, QuantizedLinear, QuantLoRALinear
 from dlqat.methods.base import Phase, QuantMethodConfig, param_of, swap_in_quant_lora
 from dlqat.methods.calibration import collect_hessians, quantize_block_by_block
-from dlqat.quant import minmax_scale_offset, quantize
 from dlqat.quant.gptq import gptq_quantize
 from dlqat.surgery import name_filter, replace_linears
 
@@ -88,10 +87,7 @@ def finalize(model: nn.Module, cfg: PTQConfig, layer_names: list[str], calibrati
         _merge_lora(model)
 
     def rtn(name: str, linear: nn.Linear) -> QuantizedLinear:
-        w = linear.weight.detach().float()
-        scale, offset = minmax_scale_offset(w, cfg.n_bits, cfg.group_size)
-        q = quantize(w, scale, offset, cfg.n_bits, cfg.group_size).to(torch.int8)
-        return QuantizedLinear.from_codes(q, scale, offset, cfg.n_bits, cfg.group_size, linear.bias)
+        return QuantizedLinear.round_to_nearest(linear.weight, cfg.n_bits, cfg.group_size, linear.bias)
 
     def gptq_layers(names: list[str], hessians: dict[str, torch.Tensor]) -> None:
         def make(name: str, linear: nn.Linear) -> QuantizedLinear:
