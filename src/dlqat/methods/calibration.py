@@ -9,7 +9,8 @@ keyword arguments and the previous quantized layer's outputs.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 import torch
 from torch import nn
@@ -27,15 +28,20 @@ def _hessian_hooks(model: nn.Module, names: list[str], hessians: dict, counts: d
     return [model.get_submodule(n).register_forward_pre_hook(hook(n)) for n in names]
 
 
-@torch.no_grad()
-def _forward_with_hooks(model: nn.Module, handles: list, batches: list[torch.Tensor]) -> None:
-    """Run the calibration batches through ``model``, then remove the hooks whatever happens."""
+@contextmanager
+def _hooked(handles: list) -> Iterator[None]:
+    """Keep the hooks for the ``with`` body, then remove them whatever happens."""
     try:
-        for ids in batches:
-            model(input_ids=ids, use_cache=False)
+        yield
     finally:
         for handle in handles:
             handle.remove()
+
+
+@torch.no_grad()
+def _run_model(model: nn.Module, batches: list[torch.Tensor]) -> None:
+    for ids in batches:
+        model(input_ids=ids, use_cache=False)
 
 
 @torch.no_grad()
@@ -43,7 +49,8 @@ def collect_hessians(model: nn.Module, names: list[str], batches: list[torch.Ten
     """``H = 2/N sum x x^T`` of each named linear's inputs over the calibration tokens (one float pass)."""
     hessians: dict[str, torch.Tensor] = {}
     counts: dict[str, int] = {}
-    _forward_with_hooks(model, _hessian_hooks(model, names, hessians, counts), batches)
+    with _hooked(_hessian_hooks(model, names, hessians, counts)):
+        _run_model(model, batches)
     return {n: hessians[n] / counts[n] for n in names}
 
 
@@ -72,7 +79,8 @@ def _record_layer_calls(model: nn.Module, layers: nn.ModuleList, batches: list[t
         return fn
 
     handles = [layer.register_forward_pre_hook(hook(i), with_kwargs=True) for i, layer in enumerate(layers)]
-    _forward_with_hooks(model, handles, batches)
+    with _hooked(handles):
+        _run_model(model, batches)
     return inputs, kwargs
 
 
@@ -102,13 +110,9 @@ def quantize_block_by_block(
         if in_block[i]:
             hessians: dict[str, torch.Tensor] = {}
             counts: dict[str, int] = {}
-            handles = _hessian_hooks(model, in_block[i], hessians, counts)
-            try:
+            with _hooked(_hessian_hooks(model, in_block[i], hessians, counts)):
                 for b, h in enumerate(hidden):
                     layer(h, **layer_kwargs[i][b])
-            finally:
-                for handle in handles:
-                    handle.remove()
             quantize_layers(in_block[i], {n: hessians[n] / counts[n] for n in in_block[i]})
         for b, h in enumerate(hidden):
             out = layer(h, **layer_kwargs[i][b])
