@@ -30,30 +30,55 @@ def kinds(names):
     return {n.rsplit(".", 1)[-1] for n in names}
 
 
-@pytest.mark.parametrize("clip_mode,phase2_extra", [("learn_then_fix", set()), ("joint", {"scale", "offset"})])
-def test_each_phase_trains_only_its_parameters(clip_mode, phase2_extra):
+LORA_M = {"lora_a", "lora_b", "magnitude"}
+
+
+@pytest.mark.parametrize(
+    "clip_mode,phase1_steps,expected",
+    [
+        ("learn_then_fix", 2, [("phase1", {"scale", "offset"}), ("phase2", LORA_M)]),
+        ("joint", 0, [("phase2", LORA_M | {"scale", "offset"})]),  # joint from step 1: no range-only phase
+    ],
+)
+def test_each_phase_trains_only_its_parameters(clip_mode, phase1_steps, expected):
     model = tiny_model("llama")
-    cfg = DLQATConfig(group_size=32, rank=4, clip_mode=clip_mode, phase1_steps=2, phase2_steps=2)
+    cfg = DLQATConfig(group_size=32, rank=4, clip_mode=clip_mode, phase1_steps=phase1_steps, phase2_steps=2)
     prepare(model, cfg)
     schedule = phases(cfg)
-    assert [p.name.split(":")[0] for p in schedule] == ["phase1", "phase2"]
-    for phase, expected in zip(schedule, [{"scale", "offset"}, {"lora_a", "lora_b", "magnitude"} | phase2_extra]):
+    assert [p.name.split(":")[0] for p in schedule] == [name for name, _ in expected]
+    for phase, (_, trained) in zip(schedule, expected):
         before = snapshot(model)
         grads = run_steps(model, phase)
         after = snapshot(model)
         changed = {n for n in before if not torch.equal(before[n], after[n])}
-        assert kinds(changed) == expected, phase.name
+        assert kinds(changed) == trained, phase.name
         assert all(grads[n] > 0 for n in changed)
-        assert kinds(grads) == expected  # frozen parameters never even get a gradient
+        assert kinds(grads) == trained  # frozen parameters never even get a gradient
 
 
 def test_ablation_switches():
-    cfg = DLQATConfig(use_magnitude=False, clip_mode="dynamic", phase1_steps=5, phase2_steps=3)
+    cfg = DLQATConfig(use_magnitude=False, clip_mode="dynamic", phase1_steps=0, phase2_steps=3)
     model = tiny_model("llama")
     prepare(model, cfg)
     assert not any(n.endswith(("magnitude", "scale", "offset")) for n, _ in model.named_parameters())
     (only,) = phases(cfg)
     assert only.steps == 3 and only.trains("x.lora_a") and not only.trains("x.magnitude")
+
+
+@pytest.mark.parametrize("clip_mode", ["dynamic", "joint"])
+def test_phase1_steps_without_a_phase_1_is_refused(clip_mode):
+    with pytest.raises(ValueError, match=f"phase1_steps=5: clip_mode={clip_mode} has no range-only phase 1"):
+        DLQATConfig(clip_mode=clip_mode, phase1_steps=5)
+
+
+def test_one_phase_settings_get_the_whole_budget():
+    """Table 3's settings train equally long: without phase 1, phase 2 gets phase 1's steps too."""
+    from dlqat.train import TrainConfig, resolve_defaults
+
+    for clip_mode, expected in (("learn_then_fix", (1000, 1000)), ("dynamic", (0, 2000)), ("joint", (0, 2000))):
+        cfg = DLQATConfig(clip_mode=clip_mode)
+        resolve_defaults(cfg, TrainConfig(model="m", data="d.txt"))
+        assert (cfg.phase1_steps, cfg.phase2_steps) == expected
 
 
 def test_trainable_count_counts_tied_weights_once():

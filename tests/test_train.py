@@ -13,7 +13,9 @@ from safetensors.torch import load_file
 import dlqat.train as train_mod
 from conftest import tiny_args, tiny_configs, tiny_eval_args
 from dlqat.cli import main
+from dlqat.fileio import RefusedError
 from dlqat.layers import QuantLoRALinear
+from dlqat.run_folder import load_checkpoint
 from dlqat.train import train
 
 
@@ -47,8 +49,8 @@ def test_killed_run_resumes_to_the_same_result(tiny_model_dir, text_file, tmp_pa
 
     real_save = train_mod._save_checkpoint
 
-    def save_then_die(accelerator, model, optimizer, step, phase, results, path, schedule):
-        real_save(accelerator, model, optimizer, step, phase, results, path, schedule)
+    def save_then_die(accelerator, model, optimizer, step, *rest):
+        real_save(accelerator, model, optimizer, step, *rest)
         if step == 8:  # inside phase 2, with optimizer state to restore
             raise Killed
 
@@ -56,8 +58,8 @@ def test_killed_run_resumes_to_the_same_result(tiny_model_dir, text_file, tmp_pa
     with pytest.raises(Killed):
         train(*tiny_configs(tiny_model_dir, text_file, tmp_path / "killed"))
     monkeypatch.undo()
-    assert torch.load(tmp_path / "killed" / "checkpoint.pt", weights_only=False)["step"] == 8
-    with pytest.raises(FileExistsError, match="--resume"):
+    assert load_checkpoint(tmp_path / "killed" / "checkpoint.pt")["step"] == 8
+    with pytest.raises(RefusedError, match="--resume"):
         train(*tiny_configs(tiny_model_dir, text_file, tmp_path / "killed"))
     train(*tiny_configs(tiny_model_dir, text_file, tmp_path / "killed", resume=True))
     straight = load_file(tmp_path / "straight" / "quant_state.safetensors")

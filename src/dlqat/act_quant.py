@@ -26,11 +26,13 @@ def install_act_quant(
         if act_bits is not None and isinstance(module, (*_QUANT_LAYERS, nn.Linear)) and _is_quantized(module):
             handles.append(
                 module.register_forward_pre_hook(
-                    lambda _m, args: (fake_quantize_per_token(args[0], act_bits), *args[1:])
+                    lambda m, args: args if getattr(m, "float_forward", False) else (fake_quantize_per_token(args[0], act_bits), *args[1:])
                 )
             )
         if kv_bits is not None and name.rsplit(".", 1)[-1] in KV_PROJECTIONS:
-            handles.append(module.register_forward_hook(lambda _m, _args, out: fake_quantize_per_token(out, kv_bits)))
+            handles.append(module.register_forward_hook(
+                    lambda m, _args, out: out if getattr(m, "float_forward", False) else fake_quantize_per_token(out, kv_bits)
+                ))
     if (act_bits is not None or kv_bits is not None) and not handles:
         raise ValueError("act_bits/kv_bits given but the model has no quantized linear or k_proj/v_proj to hook")
     return handles

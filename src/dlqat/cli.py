@@ -35,6 +35,13 @@ def parse_train_args(argv: list[str]):
         if known.preset not in PRESETS or known.method != "dl_qat":
             raise ValueError(f"preset={known.preset!r}: expected one of {sorted(PRESETS)} with --method dl_qat")
         parser.set_defaults(**PRESETS[known.preset])
+        given = {arg.split("=", 1)[0].removeprefix("--").removeprefix("no_") for arg in rest if arg.startswith("--")}
+        clash = sorted(set(PRESETS[known.preset]) & given)
+        if clash:
+            raise ValueError(
+                f"--preset {known.preset} sets {', '.join(f'{k}={PRESETS[known.preset][k]!r}' for k in clash)}; "
+                f"--{clash[0]} contradicts or repeats it: drop the flag or the preset"
+            )
     method_cfg, train_cfg, _ = parser.parse_args_into_dataclasses(args=argv)
     values = {k: v for k, v in vars(method_cfg).items() if k not in fixed}
     return make_config(known.method, **values), train_cfg
@@ -86,6 +93,10 @@ def _eval(argv: list[str]) -> int:
         help="merge into an existing result file (e.g. MMLU with another --limit than the other tasks)",
     )
     args = parser.parse_args(argv)
+    for flag in ("seq_len", "max_windows", "limit", "num_fewshot", "batch_size"):
+        value = getattr(args, flag)
+        if value is not None and (value < 0 if flag == "num_fewshot" else value < 1):
+            raise ValueError(f"--{flag.replace('_', '-')}={value}: expected a positive integer")
 
     from dlqat.eval.report import evaluate_model, merge_eval, write_eval
 
@@ -125,8 +136,14 @@ def _export(argv: list[str]) -> int:
         "--embed-bits", type=int, default=None, help="dlqat format: also quantize the tied embedding/head (8 or 4)"
     )
     parser.add_argument("--embed-group-size", type=int, default=32, help="group size for --embed-bits")
+    parser.add_argument(
+        "--overwrite", action="store_true", help="replace an earlier export at --out (nothing else is ever replaced)"
+    )
     args = parser.parse_args(argv)
-    path = export(args.run, args.format, args.out, args.dtype, args.template, args.embed_bits, args.embed_group_size)
+    path = export(
+        args.run, args.format, args.out, args.dtype, args.template, args.embed_bits, args.embed_group_size,
+        overwrite=args.overwrite,
+    )  # fmt: skip
     size = sum(f.stat().st_size for f in ([path] if path.is_file() else path.rglob("*")) if f.is_file())
     print(f"wrote {path} ({size / 2**20:.1f} MiB)")
     return 0
@@ -145,6 +162,10 @@ def _generate(argv: list[str]) -> int:
     )
     parser.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")
     args = parser.parse_args(argv)
+    if not args.prompt.strip():
+        raise ValueError("--prompt is empty: give the text to continue")
+    if args.max_new_tokens < 1:
+        raise ValueError(f"--max-new-tokens={args.max_new_tokens}: expected a positive integer")
 
     import torch
     from transformers import TextStreamer
@@ -207,7 +228,7 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
         return COMMANDS[argv[0]](argv[1:])
-    except (ValueError, OSError, FloatingPointError) as err:
+    except (ValueError, OSError, FloatingPointError, NotImplementedError) as err:
         print(f"dlqat {argv[0]}: error: {err}", file=sys.stderr)
         return 2
 

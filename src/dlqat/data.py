@@ -143,6 +143,10 @@ def load_examples(
         raise DataError(
             f"{path}: unknown data file type {path.suffix!r}; expected one of {sorted(JSON_SUFFIXES | TEXT_SUFFIXES)}"
         )
+    elif path.suffix or str(source).startswith((".", "/", "~")) or str(source).count("/") > 1:
+        raise FileNotFoundError(
+            f"data={str(source)!r}: no such file (a hub dataset is named 'name' or 'org/name', without a suffix)"
+        )
     else:
         examples = _load_hub_dataset(str(source), tokenizer, seq_len, train_on_prompt)
     if not examples:

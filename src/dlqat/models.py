@@ -10,6 +10,7 @@ import tempfile
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from dlqat.resources import default_gguf
@@ -64,7 +65,22 @@ def resolve_model_path(spec: str | None) -> str:
         if not path.is_file():
             raise FileNotFoundError(f"model={spec!r}: GGUF file not found")
         return str(expand_gguf(path))
-    return spec
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(
+                f"model={spec!r}: folder has no config.json; expected a Hugging Face model folder "
+                "(save_pretrained output) or a .gguf file"
+            )
+        return str(path)
+    if path.exists() or _looks_like_path(spec):
+        raise FileNotFoundError(f"model={spec!r}: no such model folder or .gguf file")
+    return spec  # a hub id
+
+
+def _looks_like_path(spec: str) -> bool:
+    """A hub id is ``name`` or ``org/name``; anything else (./x, /x, ~/x, a/b/c, x.ext) is meant as a path."""
+    return spec.startswith((".", "/", "~")) or spec.count("/") > 1 or spec.endswith("/") or "\\" in spec
 
 
 def source_gguf(spec: str | None) -> str | None:
@@ -80,7 +96,7 @@ def load_model(spec: str | None, dtype: torch.dtype = torch.float32) -> tuple[Pr
     try:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
         tokenizer = AutoTokenizer.from_pretrained(path)
-    except OSError as err:
+    except (OSError, ValueError, RuntimeError, SafetensorError) as err:  # their messages name no flag
         raise OSError(f"model={spec!r}: could not load a causal LM from {path!r}: {err}") from err
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token

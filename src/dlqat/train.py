@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import resource
 import time
 from collections.abc import Iterator
@@ -27,11 +26,25 @@ from dlqat import resources
 from dlqat.act_quant import install_act_quant
 from dlqat.data import collate, load_examples, micro_batch_indices, read_text, tokenize_text
 from dlqat.eval.perplexity import perplexity
+from dlqat.losses import LOSSES, FinalHidden, float_teacher, logit_softcap, shifted_targets, token_losses
 from dlqat.export import convert, save_quantized
+from dlqat.fileio import atomic_write, atomic_write_json, atomic_write_text
 from dlqat.methods import QuantMethodConfig, method_module, method_name
 from dlqat.methods.base import Phase, count_parameters, set_trainable
 from dlqat.models import load_model, source_gguf
 from dlqat.quant.lean_linear import set_compile
+from dlqat.run_folder import (
+    CHECKPOINT,
+    CONFIG_FILE,
+    LOG_FILE,
+    check_same_run,
+    discard_run,
+    load_checkpoint,
+    prepare_run_folder,
+    run_settings,
+    save_checkpoint,
+    truncate_log,
+)
 from dlqat.sharding import (
     gather_parameters,
     is_fsdp,
@@ -44,7 +57,6 @@ from dlqat.sharding import (
 
 log = logging.getLogger(__name__)
 
-CHECKPOINT = "checkpoint.pt"
 # Used when no model and no data are given (the embedded demo): finishes in minutes on 2 CPU cores.
 DEMO_DEFAULTS = {
     "phase1_steps": 10,
@@ -95,7 +107,12 @@ class TrainConfig:
     seed: int = field(default=42, metadata={"help": "seed for init and data order"})
     train_on_prompt: bool = field(default=False, metadata={"help": "instruction data: also train on prompt tokens"})
     save_every: int = field(default=50, metadata={"help": "checkpoint every N optimizer steps"})
-    resume: bool = field(default=False, metadata={"help": "continue from output_dir/checkpoint.pt"})
+    resume: bool = field(
+        default=False, metadata={"help": "continue the run in output_dir from its checkpoint.pt (same settings)"}
+    )
+    overwrite: bool = field(
+        default=False, metadata={"help": "replace the run in output_dir (its artefacts only; other files stay)"}
+    )
     eval_seq_len: int | None = field(default=None, metadata={"help": "perplexity window; default 2048 (512 demo)"})
     eval_max_windows: int | None = field(
         default=None, metadata={"help": "cap on perplexity windows; default all (8 in the demo)"}
@@ -111,6 +128,18 @@ class TrainConfig:
         metadata={"help": "fake-quantize the inputs of quantized linears per token at these bits (W4A8KV8: 8)"},
     )
     kv_bits: int | None = field(default=None, metadata={"help": "fake-quantize k/v projections per token (KV8: 8)"})
+    loss: str = field(
+        default="ce",
+        metadata={
+            "help": "ce (next-token cross-entropy), kd (KL to the float model: the same weights with quantizers "
+            "and adapters off, or --teacher), kd+ce (their sum)"
+        },
+    )
+    kd_temperature: float = field(default=1.0, metadata={"help": "softmax temperature of the kd loss"})
+    teacher: str | None = field(
+        default=None,
+        metadata={"help": "kd: a separate teacher model (same tokenizer); default: the float model being quantized"},
+    )
     progress: bool = field(default=True, metadata={"help": "show progress bars"})
 
     def __post_init__(self) -> None:
@@ -127,6 +156,12 @@ class TrainConfig:
             value = getattr(self, name)
             if value is not None and not 2 <= value <= 16:
                 raise ValueError(f"{name}={value!r}: expected 2..16 bits or unset")
+        if self.loss not in LOSSES:
+            raise ValueError(f"loss={self.loss!r}: expected one of {', '.join(LOSSES)}")
+        if not self.kd_temperature > 0:
+            raise ValueError(f"kd_temperature={self.kd_temperature!r}: expected a positive number")
+        if self.teacher is not None and self.loss == "ce":
+            raise ValueError(f"teacher={self.teacher!r} needs --loss kd or kd+ce (loss=ce uses no teacher)")
         if self.max_grad_norm < 0 or self.weight_decay < 0:
             raise ValueError("max_grad_norm and weight_decay must be >= 0")
 
@@ -138,19 +173,15 @@ class TrainConfig:
 def resolve_defaults(method_cfg: QuantMethodConfig, cfg: TrainConfig) -> None:
     """Fill the ``None`` (auto) settings: the paper's values, or the short demo's."""
     defaults = DEMO_DEFAULTS if cfg.is_demo else PAPER_DEFAULTS
+    if getattr(method_cfg, "clip_mode", None) in ("dynamic", "joint") and method_cfg.phase1_steps is None:
+        # no range-only phase: the whole budget goes to the one phase (equal steps across the ablation grid)
+        method_cfg.phase1_steps = 0
+        if method_cfg.phase2_steps is None:
+            method_cfg.phase2_steps = defaults["phase1_steps"] + defaults["phase2_steps"]
     for target in (method_cfg, cfg):
         for name, value in defaults.items():
             if hasattr(target, name) and getattr(target, name) is None:
                 setattr(target, name, value)
-
-
-def _atomic_torch_save(obj: object, path: Path) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    with open(tmp, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 _QUANT_KINDS = ("lora_a", "lora_b", "magnitude", "scale", "offset")
@@ -179,21 +210,19 @@ def train(method_cfg: QuantMethodConfig, cfg: TrainConfig) -> dict:
     label = method_name(method_cfg)
     out = Path(cfg.output_dir)
     ckpt_path = out / CHECKPOINT
-    if cfg.resume and not ckpt_path.is_file():
-        raise FileNotFoundError(f"resume=True but {ckpt_path} does not exist; start without --resume")
-    if not cfg.resume and ckpt_path.is_file():
-        raise FileExistsError(f"{ckpt_path} exists: pass --resume to continue that run, or pick another --output-dir")
+    prepare_run_folder(out, cfg.resume, cfg.overwrite)
+    settings = run_settings(label, method_cfg.to_dict(), asdict(cfg))
+    ckpt = load_checkpoint(ckpt_path) if cfg.resume else None
+    if ckpt:
+        check_same_run(ckpt.get("settings"), settings, ckpt_path)
     mixed = cfg.mixed_precision
     if mixed == "auto":
         mixed = "bf16" if torch.cuda.is_available() else "no"
+    if mixed == "fp16" and not torch.cuda.is_available():
+        raise ValueError("mixed_precision='fp16': fp16 autocast needs a CUDA GPU (none found); use bf16 or no")
     accelerator = make_accelerator(cfg.grad_accum, mixed, cfg.micro_batch_size, cfg.max_grad_norm)
     main = accelerator.is_main_process
     set_seed(cfg.seed)
-    out.mkdir(parents=True, exist_ok=True)
-    if main:
-        (out / "run_config.json").write_text(
-            json.dumps({"method": label, "method_config": method_cfg.to_dict(), "train_config": asdict(cfg)}, indent=2)
-        )
 
     model, tokenizer = load_model(cfg.model)  # fp32 master weights; bf16 comes from autocast
     model.to(accelerator.device)
@@ -203,21 +232,38 @@ def train(method_cfg: QuantMethodConfig, cfg: TrainConfig) -> dict:
         else:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     set_compile(cfg.compile)
+    if cfg.loss != "ce" and cfg.teacher is None and label in ("qa_lora", "full_qat"):
+        raise ValueError(
+            f"loss={cfg.loss!r} with method {label}: the model keeps no frozen float weight to teach with "
+            "(QA-LoRA replaces it by codes, full-weight QAT trains it); give a separate --teacher or use --loss ce"
+        )
+    teacher = _load_teacher(cfg.teacher, tokenizer, accelerator.device) if cfg.teacher else None
     train_source = cfg.data or str(resources.default_train_text())
     eval_source = cfg.eval_data or str(resources.default_eval_text())
     examples = load_examples(train_source, tokenizer, cfg.seq_len, cfg.train_on_prompt)
     eval_ids = tokenize_text(read_text(eval_source), tokenizer)
+    if len(eval_ids) < cfg.eval_seq_len:
+        raise ValueError(
+            f"eval_data={eval_source!r}: {len(eval_ids)} tokens, fewer than one perplexity window of "
+            f"--eval_seq_len={cfg.eval_seq_len}; lower --eval_seq_len or give a longer file"
+        )
     log.info(
         "train data %s: %d examples; eval text %s: %d tokens", train_source, len(examples), eval_source, len(eval_ids)
     )
 
-    ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False) if cfg.resume else None
     if ckpt and ckpt["optimizer_layout"] != optimizer_layout(accelerator):
         raise ValueError(
             f"{ckpt_path}: optimizer state laid out as {ckpt['optimizer_layout']!r} (written by a run on another "
             f"engine); this run needs {optimizer_layout(accelerator)!r}: resume on the engine that wrote it"
         )
     results = ckpt["results"] if ckpt else {"perplexity": {}}
+    if main:  # the run is known to start: only now touch the folder
+        if cfg.overwrite:
+            discard_run(out)
+        atomic_write_json(out / CONFIG_FILE, settings)
+        if ckpt:
+            truncate_log(out / LOG_FILE, ckpt["step"])
+    accelerator.wait_for_everyone()
 
     def evaluate(label: str) -> None:
         if label in results["perplexity"] or not main:
@@ -255,7 +301,8 @@ def train(method_cfg: QuantMethodConfig, cfg: TrainConfig) -> dict:
     step = ckpt["step"] if ckpt else 0
     total_steps = sum(p.steps for p in schedule)
     batches = _batches(examples, cfg, tokenizer.pad_token_id, step * cfg.grad_accum, accelerator)
-    log_file = open(out / "train_log.jsonl", "a") if main else None
+    objective = Objective(accelerator.unwrap_model(model), cfg.loss, cfg.kd_temperature, teacher)
+    log_file = open(out / LOG_FILE, "a") if main else None
     step_times = []
     phase_end = 0
     for phase in schedule:
@@ -268,20 +315,7 @@ def train(method_cfg: QuantMethodConfig, cfg: TrainConfig) -> dict:
         bar = tqdm(total=phase.steps, initial=step - phase_start, desc=phase.name, disable=not (main and cfg.progress))
         while step < phase_end:
             t0 = time.perf_counter()
-            loss_sum, n_tokens = 0.0, 0
-            for _ in range(cfg.grad_accum):
-                batch = next(batches)
-                with accelerator.accumulate(model):
-                    with accelerator.autocast():  # Accelerate autocasts DDP's forward itself, not FSDP2's
-                        loss = model(**batch).loss
-                    accelerator.backward(loss)
-                    if accelerator.sync_gradients and cfg.max_grad_norm:
-                        accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
-                    optimizer.step()
-                    optimizer.zero_grad()
-                # the mean over all processes, so a DDP run logs the same loss as one process
-                loss_sum += accelerator.reduce(loss.detach(), "mean").item() / cfg.grad_accum
-                n_tokens += int(batch["attention_mask"].sum()) * accelerator.num_processes
+            loss_sum, n_tokens = _optimizer_step(accelerator, model, optimizer, batches, objective, cfg)
             if not math.isfinite(loss_sum):
                 raise FloatingPointError(
                     f"loss became {loss_sum} at step {step + 1} ({phase.name}); "
@@ -301,10 +335,11 @@ def train(method_cfg: QuantMethodConfig, cfg: TrainConfig) -> dict:
                 )
                 log_file.flush()
             if step % cfg.save_every == 0 or step == total_steps:
-                _save_checkpoint(accelerator, model, optimizer, step, phase, results, ckpt_path, schedule)
+                _save_checkpoint(accelerator, model, optimizer, step, phase, results, ckpt_path, schedule, settings)
         bar.close()
     if log_file:
         log_file.close()
+    objective.remove()
 
     model = accelerator.unwrap_model(model)
     trained = _quant_state(model, schedule)
@@ -313,7 +348,7 @@ def train(method_cfg: QuantMethodConfig, cfg: TrainConfig) -> dict:
         act_hooks = install_act_quant(model, cfg.act_bits, cfg.kv_bits) if main else []
     if main:
         model.eval()
-        save_file({k: v.contiguous() for k, v in trained.items()}, out / "quant_state.safetensors")
+        atomic_write(out / "quant_state.safetensors", lambda tmp: save_file(_contiguous(trained), tmp))
         if hasattr(method, "finalize"):
             calibration = [collate([e], tokenizer.pad_token_id)["input_ids"].to(accelerator.device) for e in examples]
             with torch.no_grad():
@@ -322,7 +357,7 @@ def train(method_cfg: QuantMethodConfig, cfg: TrainConfig) -> dict:
         for hook in act_hooks:  # the converted layers are new modules: hook them again
             hook.remove()
         install_act_quant(model, cfg.act_bits, cfg.kv_bits)
-        save_quantized(model, tokenizer, out / "quantized", layers, source_gguf=source_gguf(cfg.model))
+        save_quantized(model, tokenizer, out / "quantized", layers, source_gguf=source_gguf(cfg.model), overwrite=True)
         evaluate(label)
         results["settings"] = {
             "method": label,
@@ -338,6 +373,88 @@ def train(method_cfg: QuantMethodConfig, cfg: TrainConfig) -> dict:
         write_results(results, out)
     accelerator.wait_for_everyone()
     return results
+
+
+class Objective:
+    """The loss of one micro-batch, *summed* over its predicted tokens (the loop divides by the
+    accumulated batch's token count): next-token CE, or KL to a teacher (``kd``, ``kd+ce``).
+
+    With ``kd`` the model is called for the last position's logits only; the decoder's final hidden
+    states go to ``dlqat.losses.token_losses``, which runs the output head in token chunks. Without a
+    separate ``teacher`` the teacher is the model itself under ``float_teacher`` (quantizers and
+    adapters off: the float model, at the cost of one no-grad forward and no extra weights).
+    """
+
+    def __init__(self, model: torch.nn.Module, loss: str, temperature: float, teacher=None) -> None:
+        self.loss, self.temperature, self.model, self.teacher = loss, temperature, model, teacher
+        self.hooks: list[FinalHidden] = []
+        if loss != "ce":
+            self.student = FinalHidden(model)
+            self.teacher_hidden = FinalHidden(teacher) if teacher is not None else self.student
+            self.hooks = list({id(h): h for h in (self.student, self.teacher_hidden)}.values())
+
+    def __call__(self, model: torch.nn.Module, batch: dict) -> torch.Tensor:
+        if self.loss == "ce":
+            return model(**batch).loss * shifted_targets(batch["labels"])[1].sum()
+        inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "logits_to_keep": 1}
+        with torch.no_grad():
+            if self.teacher is None:
+                with float_teacher(self.model):
+                    model(**inputs)
+            else:
+                self.teacher(**inputs)
+            teacher_hidden = self.teacher_hidden.take()
+        out = model(**inputs)
+        separate = self.teacher is not None
+        kl, ce, _ = token_losses(
+            self.student.take(), teacher_hidden, batch["labels"], self.model.get_output_embeddings(),
+            self.temperature, want_ce=self.loss == "kd+ce", softcap=logit_softcap(self.model),
+            teacher_head=self.teacher.get_output_embeddings() if separate else None,
+            teacher_softcap=logit_softcap(self.teacher) if separate else None,
+        )  # fmt: skip
+        return kl + ce + 0.0 * out.logits.sum()  # the head's output stays in the graph (wrappers' hooks)
+
+    def remove(self) -> None:
+        for hook in self.hooks:
+            hook.remove()
+
+
+def _load_teacher(spec: str, tokenizer, device) -> torch.nn.Module:
+    """A separate distillation teacher; it must predict the same vocabulary with the same tokenizer."""
+    teacher, teacher_tokenizer = load_model(spec)
+    if teacher_tokenizer.get_vocab() != tokenizer.get_vocab():
+        raise ValueError(f"teacher={spec!r}: its tokenizer differs from the model's; kd needs the same vocabulary")
+    return teacher.to(device).requires_grad_(False)
+
+
+def _optimizer_step(accelerator: Accelerator, model, optimizer, batches, objective: Objective, cfg: TrainConfig):
+    """One optimizer step over ``grad_accum`` micro-batches; returns (mean loss per token, tokens seen).
+
+    The loss is normalised by the predicted tokens of the whole accumulated batch on all processes:
+    each micro-batch's token sum is scaled by ``processes * grad_accum / tokens`` because Accelerate
+    divides by ``grad_accum`` and DDP/ZeRO average over processes.
+    """
+    micro = [next(batches) for _ in range(cfg.grad_accum)]
+    local = sum(shifted_targets(b["labels"])[1].sum() for b in micro)
+    counted = accelerator.reduce(local.to(accelerator.device), "sum").item()
+    norm = accelerator.num_processes * cfg.grad_accum / max(counted, 1)
+    loss_sum = torch.zeros((), device=accelerator.device)
+    for batch in micro:
+        with accelerator.accumulate(model):
+            with accelerator.autocast():  # Accelerate autocasts DDP's forward itself, not FSDP2's
+                summed = objective(model, batch)
+            accelerator.backward(summed * norm)
+            if accelerator.sync_gradients and cfg.max_grad_norm:
+                accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+            optimizer.step()
+            optimizer.zero_grad()
+        loss_sum += summed.detach().float()
+    n_tokens = sum(int(b["attention_mask"].sum()) for b in micro) * accelerator.num_processes
+    return accelerator.reduce(loss_sum, "sum").item() / max(counted, 1), n_tokens
+
+
+def _contiguous(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: v.contiguous() for k, v in tensors.items()}
 
 
 def _peak_memory_mb() -> float:
@@ -373,7 +490,7 @@ def _start_phase(accelerator: Accelerator, model, phase: Phase, cfg: TrainConfig
     return accelerator.prepare(model, optimizer)
 
 
-def _save_checkpoint(accelerator, model, optimizer, step, phase, results, path: Path, schedule) -> None:
+def _save_checkpoint(accelerator, model, optimizer, step, phase, results, path: Path, schedule, settings) -> None:
     accelerator.wait_for_everyone()
     model = accelerator.unwrap_model(model)
     state = {  # gathered on every rank (collectives under FSDP), written by the main one
@@ -383,14 +500,15 @@ def _save_checkpoint(accelerator, model, optimizer, step, phase, results, path: 
         "optimizer": optimizer_state(accelerator, model, optimizer),
         "optimizer_layout": optimizer_layout(accelerator),
         "results": results,
+        "settings": settings,
     }
     if accelerator.is_main_process:
-        _atomic_torch_save(state, path)
+        save_checkpoint(state, path)
 
 
 def write_results(results: dict, out: Path) -> None:
     """``results.json`` and a Markdown table ``results.md``."""
-    (out / "results.json").write_text(json.dumps(results, indent=2))
+    atomic_write_json(out / "results.json", results)
     s = results.get("settings", {})
     lines = [
         (
@@ -407,4 +525,4 @@ def write_results(results: dict, out: Path) -> None:
     base = results["base_params"]
     lines += ["", f"trainable parameters (of {base:,}):"]
     lines += [f"- {name}: {count:,} ({100 * count / base:.2f}%)" for name, count in results["trainable_params"].items()]
-    (out / "results.md").write_text("\n".join(lines) + "\n")
+    atomic_write_text(out / "results.md", "\n".join(lines) + "\n")

@@ -134,6 +134,9 @@ def evaluate_tasks(
             manager = TaskManager(include_path=tmp)
         else:
             names, manager = list(tasks), TaskManager()
+            unknown = [name for name in names if name not in manager.all_tasks]
+            if unknown:
+                raise ValueError(f"--tasks: lm-eval knows no task {', '.join(map(repr, unknown))}")
         lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
         out = lm_eval.simple_evaluate(
             model=lm, tasks=names, limit=limit, num_fewshot=num_fewshot, task_manager=manager, log_samples=False

@@ -6,8 +6,9 @@ from pathlib import Path
 
 import torch
 
-from dlqat.export.gguf_export import export_gguf
-from dlqat.export.quantized import load_quantized, quantize_tied_embedding, read_quant_meta, save_quantized
+from dlqat.export.gguf_export import export_gguf, is_gguf_file
+from dlqat.export.quantized import is_export, load_quantized, quantize_tied_embedding, read_quant_meta, save_quantized
+from dlqat.fileio import check_file_target, check_folder_target
 
 FORMATS = ("dlqat", "gguf")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -27,6 +28,7 @@ def export(
     template: str | None = None,
     embed_bits: int | None = None,
     embed_group_size: int = 32,
+    overwrite: bool = False,
 ) -> Path:
     """Export the low-bit model of ``run``.
 
@@ -38,6 +40,8 @@ def export(
             base model came from, if any).
         embed_bits, embed_group_size: ``dlqat`` format only: also quantize the tied embedding/head
             table (RTN; 8 bits is lossless in practice, 4 bits makes the smallest file).
+        overwrite: replace an existing export of the same format at ``out`` (anything else there is
+            always refused).
     """
     if fmt not in FORMATS:
         raise ValueError(f"format={fmt!r}: expected one of {FORMATS}")
@@ -47,14 +51,23 @@ def export(
         raise ValueError(f"embed_bits={embed_bits}: only the dlqat format quantizes the embedding table")
     src = quantized_dir(run)
     meta = read_quant_meta(src)
+    out = Path(out)
+    if out.resolve() == src.resolve() or src.resolve() in out.resolve().parents:
+        raise ValueError(f"out={str(out)!r}: is the model being exported (or inside it); choose another path")
+    if fmt == "gguf":
+        check_file_target(out, is_gguf_file, overwrite, "GGUF file")
+    else:
+        check_folder_target(out, is_export, overwrite, "dlqat export")
     if fmt == "gguf" and meta.get("embedding"):
         raise ValueError(f"{src}: its embedding table is quantized; export GGUF from the run folder instead")
     model, tokenizer = load_quantized(src)
     if fmt == "dlqat":
         if embed_bits is not None:
             quantize_tied_embedding(model, embed_bits, embed_group_size)
-        return save_quantized(model, tokenizer, out, dtype=DTYPES[dtype], source_gguf=meta.get("source_gguf"))
+        return save_quantized(
+            model, tokenizer, out, dtype=DTYPES[dtype], source_gguf=meta.get("source_gguf"), overwrite=overwrite
+        )
     template = template or meta.get("source_gguf")
     if template and not Path(template).is_file():
         raise FileNotFoundError(f"template={template!r}: GGUF file not found")
-    return export_gguf(model, tokenizer, out, template)
+    return export_gguf(model, tokenizer, out, template, overwrite=overwrite)

@@ -16,7 +16,6 @@ metadata written from the HF config (other tensors as F32 norms / F16 matrices).
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import gguf
@@ -24,6 +23,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from dlqat.fileio import atomic_write, check_file_target
 from dlqat.layers import QuantizedLinear
 
 Q4_1_BLOCK = 32
@@ -63,9 +63,21 @@ def _arch_enum(arch: str) -> gguf.MODEL_ARCH:
     raise ValueError(f"GGUF architecture {arch!r} is unknown to the gguf package")
 
 
-def export_gguf(model: nn.Module, tokenizer, out_path: str | Path, template: str | Path | None = None) -> Path:
-    """Write ``model`` (converted: ``QuantizedLinear`` layers) as a GGUF file, atomically."""
+def is_gguf_file(path: Path) -> bool:
+    """Whether ``path`` starts with the GGUF magic (the only kind of file ``export_gguf`` replaces)."""
+    with open(path, "rb") as f:
+        return f.read(4) == b"GGUF"
+
+
+def export_gguf(
+    model: nn.Module, tokenizer, out_path: str | Path, template: str | Path | None = None, overwrite: bool = False
+) -> Path:
+    """Write ``model`` (converted: ``QuantizedLinear`` layers) as a GGUF file, atomically.
+
+    An existing ``out_path`` is replaced only if it is a GGUF file and ``overwrite`` is set.
+    """
     out_path = Path(out_path)
+    check_file_target(out_path, is_gguf_file, overwrite, "GGUF file")
     config = model.config
     reader = gguf.GGUFReader(template) if template else None
     arch = reader.fields["general.architecture"].contents() if reader else _hf_arch(config)
@@ -73,7 +85,12 @@ def export_gguf(model: nn.Module, tokenizer, out_path: str | Path, template: str
     permute_heads = (
         {"q_proj": config.num_attention_heads, "k_proj": config.num_key_value_heads} if arch == "llama" else {}
     )
-    tmp = out_path.with_name(out_path.name + ".tmp")
+    atomic_write(out_path, lambda tmp: _write_gguf(tmp, model, tokenizer, reader, arch, name_map, permute_heads))
+    return out_path
+
+
+def _write_gguf(tmp: Path, model: nn.Module, tokenizer, reader, arch: str, name_map, permute_heads: dict) -> None:
+    config = model.config
     writer = gguf.GGUFWriter(tmp, arch)
     if reader:
         _copy_metadata(reader, writer)
@@ -105,8 +122,6 @@ def export_gguf(model: nn.Module, tokenizer, out_path: str | Path, template: str
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
-    os.replace(tmp, out_path)
-    return out_path
 
 
 def _other_tensors(model, name_map, template_tensors, written):

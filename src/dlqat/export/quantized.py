@@ -20,17 +20,16 @@ stay exact).
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 from accelerate import init_empty_weights
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
+from dlqat.fileio import atomic_folder
 from dlqat.layers import QuantizedEmbedding, QuantizedLinear
 from dlqat.surgery import replace_linears
 
@@ -139,16 +138,16 @@ def save_quantized(
     layers: dict[str, dict] | None = None,
     dtype: torch.dtype | None = None,
     source_gguf: str | None = None,
+    overwrite: bool = False,
 ) -> Path:
-    """Write a converted model atomically (to a temp folder, then renamed into place).
+    """Write a converted model atomically (built in a temporary sibling folder, then renamed into place).
 
-    ``source_gguf`` records the GGUF the base model came from, the template for a later GGUF export.
+    ``out_dir`` must be new, empty, or (with ``overwrite``) an earlier dlqat export; any other folder
+    is refused untouched. ``source_gguf`` records the GGUF the base model came from, the template for
+    a later GGUF export.
     """
     layers = quantized_layers(model) if layers is None else layers
-    out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.tmp-"))
-    try:
+    with atomic_folder(out_dir, is_export, overwrite, "dlqat export") as tmp:
         meta = {"format": FORMAT, "source_gguf": source_gguf, "layers": layers}
         if isinstance(model.get_input_embeddings(), QuantizedEmbedding):
             table = model.get_output_embeddings()
@@ -170,12 +169,15 @@ def save_quantized(
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         save_file(_unique_state_dict(model, dtype), tmp / WEIGHTS_FILE, metadata={"format": FORMAT})
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return out_dir
+    return Path(out_dir)
+
+
+def is_export(path: Path) -> bool:
+    """Whether ``path`` is a folder ``save_quantized`` wrote (the only kind it replaces)."""
+    try:
+        return json.loads((path / QUANT_FILE).read_text()).get("format") == FORMAT
+    except (OSError, ValueError):
+        return False
 
 
 def build_skeleton(model: PreTrainedModel, layers: dict[str, dict], embedding: dict | None) -> None:
@@ -218,7 +220,10 @@ def load_quantized(
     path = Path(path)
     meta = read_quant_meta(path)
     config = AutoConfig.from_pretrained(path)
-    state = load_file(path / WEIGHTS_FILE)
+    try:
+        state = load_file(path / WEIGHTS_FILE)
+    except SafetensorError as err:
+        raise ValueError(f"{path / WEIGHTS_FILE}: not a readable safetensors file ({err})") from err
     with init_empty_weights():  # parameters on meta; buffers (rotary tables) built for real
         model = AutoModelForCausalLM.from_config(config)
     build_skeleton(model, meta["layers"], meta.get("embedding"))

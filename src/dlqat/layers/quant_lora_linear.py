@@ -32,6 +32,9 @@ class QuantLoRALinear(nn.Module):
     ``scale``/``offset``/``magnitude`` ``(out, n_groups)``.
     """
 
+    # True inside ``dlqat.losses.float_teacher``: compute with the frozen W0 alone (the float model)
+    float_forward = False
+
     def __init__(
         self,
         weight: nn.Parameter,
@@ -97,6 +100,8 @@ class QuantLoRALinear(nn.Module):
         return fake_quantize(merged, scale, offset, self.n_bits, self.group_size, self.magnitude)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.float_forward:
+            return F.linear(x, self.weight.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
         if self.lean and self.quantize_enabled:
             if self.clip_mode is ClipMode.DYNAMIC:
                 with torch.no_grad():

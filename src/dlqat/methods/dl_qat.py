@@ -47,6 +47,11 @@ class DLQATConfig(QuantMethodConfig):
     def __post_init__(self) -> None:
         if self.clip_mode not in _CLIP_MODES:
             raise ValueError(f"clip_mode={self.clip_mode!r}: expected one of {_CLIP_MODES}")
+        if self.clip_mode != ClipMode.LEARN_THEN_FIX.value and self.phase1_steps:
+            raise ValueError(
+                f"phase1_steps={self.phase1_steps}: clip_mode={self.clip_mode} has no range-only phase 1 "
+                "(dynamic: never trained; joint: trained with m, A, B from step 1); give the budget as --phase2_steps"
+            )
         super().__post_init__()
 
 

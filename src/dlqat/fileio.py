@@ -1,0 +1,123 @@
+"""Writing files without losing any: every file and folder dlqat writes goes through here.
+
+Files are written to a temporary sibling, flushed to disk and renamed over the target, so a killed or
+failed write (disk full) leaves the old file as it was and no temporary file behind. Folders are
+built in a temporary sibling and swapped in; an existing target is replaced only when it is one of
+ours (``is_ours``) and the caller says so, never emptied by a blanket delete.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+
+class RefusedError(ValueError):
+    """A write that would destroy files dlqat did not create, or that the user did not allow."""
+
+
+def _remove_quietly(path: Path) -> None:
+    try:
+        shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
+    except FileNotFoundError:
+        pass
+
+
+def _describe(err: OSError, path: Path) -> OSError:
+    if err.errno == errno.ENOSPC:
+        return OSError(err.errno, f"{path}: no space left on the device; nothing was changed there")
+    return err
+
+
+def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
+    """Call ``write(tmp)`` to fill a temporary sibling of ``path``, fsync it, rename it over ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as err:
+        _remove_quietly(tmp)
+        raise _describe(err, path) from err
+    except BaseException:
+        _remove_quietly(tmp)
+        raise
+    return path
+
+
+def atomic_write_text(path: str | Path, text: str) -> Path:
+    return atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+
+
+def atomic_write_json(path: str | Path, obj: object) -> Path:
+    return atomic_write_text(path, json.dumps(obj, indent=2) + "\n")
+
+
+@contextmanager
+def atomic_folder(target: str | Path, is_ours: Callable[[Path], bool], overwrite: bool, what: str) -> Iterator[Path]:
+    """Yield an empty temporary folder next to ``target``; on success it becomes ``target``.
+
+    An existing ``target`` is replaced only if it is empty, or if ``is_ours(target)`` (a folder this
+    tool wrote, e.g. a previous export) and ``overwrite``; anything else is refused *before* any work,
+    naming the folder. The old folder is moved aside first and deleted only after the new one is in
+    place, so a failure at any point leaves one complete folder.
+    """
+    target = Path(target)
+    check_folder_target(target, is_ours, overwrite, what)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp"))
+    try:
+        yield tmp
+        old = None
+        if target.exists():
+            old = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.", suffix=".old"))
+            os.replace(target, old / "content")  # a rename: nothing is deleted yet
+        os.replace(tmp, target)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except OSError as err:
+        _remove_quietly(tmp)
+        raise _describe(err, target) from err
+    except BaseException:
+        _remove_quietly(tmp)
+        raise
+
+
+def check_folder_target(target: Path, is_ours: Callable[[Path], bool], overwrite: bool, what: str) -> None:
+    """Raise ``RefusedError`` unless ``target`` may become a new ``what`` folder."""
+    if not target.exists():
+        return
+    if not target.is_dir() or target.is_symlink():
+        raise RefusedError(f"{target}: exists and is not a folder; choose another output path for the {what}")
+    if not any(target.iterdir()):
+        return
+    if not is_ours(target):
+        raise RefusedError(
+            f"{target}: folder is not empty and is not a {what} written by dlqat; refusing to replace it "
+            "(choose a new or empty folder)"
+        )
+    if not overwrite:
+        raise RefusedError(f"{target}: holds a {what} already; pass --overwrite to replace it, or choose another path")
+
+
+def check_file_target(target: Path, is_ours: Callable[[Path], bool], overwrite: bool, what: str) -> None:
+    """Raise ``RefusedError`` unless ``target`` may be (re)written as a ``what`` file."""
+    if not target.exists():
+        return
+    if target.is_dir():
+        raise RefusedError(f"{target}: is a folder; the {what} is one file: give a file path")
+    if not is_ours(target):
+        raise RefusedError(f"{target}: exists and is not a {what}; refusing to overwrite it (choose another path)")
+    if not overwrite:
+        raise RefusedError(f"{target}: exists; pass --overwrite to replace it, or choose another path")

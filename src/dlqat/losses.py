@@ -1,0 +1,153 @@
+"""Training losses: next-token cross-entropy and distillation from the float model, summed over tokens.
+
+Every loss here returns a *sum* over the predicted tokens and their count, so the loop can divide by
+the token count of the whole accumulated batch (not average per micro-batch, which would weight a
+short sequence's tokens more than a long one's).
+
+Distillation (``kd``): KL(teacher || student) over the full vocabulary at temperature ``T`` (scaled by
+``T^2``, Hinton et al.). The teacher is the same model with every quantizer and adapter switched off
+(``float_teacher``): the frozen ``W0`` is already in memory, so distillation costs one no-grad forward
+and no second copy of the weights. The logits are never materialised for the whole sequence: the
+loop takes the final hidden states ``(tokens, hidden)`` of student and teacher and this module runs
+the output head over chunks of tokens, recomputing each chunk's student logits in backward
+(activation checkpointing), so the peak is one ``(chunk, vocab)`` block, not ``(tokens, vocab)``
+twice (Gemma's vocabulary is 262k).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from dlqat.data import IGNORE_INDEX
+
+LOSSES = ("ce", "kd", "kd+ce")
+DEFAULT_CHUNK_TOKENS = 512
+
+
+def shifted_targets(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(B, T)`` labels -> next-token targets ``(B, T)`` (the last position predicts nothing) and the
+    mask of positions that predict a counted token."""
+    targets = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
+    return targets, targets != IGNORE_INDEX
+
+
+def _logits(head: nn.Module, hidden: torch.Tensor, softcap: float | None) -> torch.Tensor:
+    logits = head(hidden).float()
+    if softcap:  # Gemma's final logit soft-capping
+        logits = torch.tanh(logits / softcap) * softcap
+    return logits
+
+
+def _chunk_losses(
+    student: torch.Tensor,
+    teacher: torch.Tensor | None,
+    targets: torch.Tensor,
+    heads: tuple[nn.Module, nn.Module],
+    softcaps: tuple[float | None, float | None],
+    temperature: float,
+    want_ce: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed KL(teacher || student) * T^2 and summed CE of one chunk of ``(n, hidden)`` states."""
+    z_s = _logits(heads[0], student, softcaps[0])  # (n, V), fp32
+    kl = z_s.new_zeros(())
+    if teacher is not None:
+        with torch.no_grad():
+            log_p_t = F.log_softmax(_logits(heads[1], teacher, softcaps[1]) / temperature, dim=-1)
+        log_p_s = F.log_softmax(z_s / temperature, dim=-1)
+        kl = (log_p_t.exp() * (log_p_t - log_p_s)).sum() * temperature**2
+    ce = F.cross_entropy(z_s, targets, reduction="sum") if want_ce else z_s.new_zeros(())
+    return kl, ce
+
+
+def token_losses(
+    student_hidden: torch.Tensor,
+    teacher_hidden: torch.Tensor | None,
+    labels: torch.Tensor,
+    head: nn.Module,
+    temperature: float = 1.0,
+    want_ce: bool = False,
+    softcap: float | None = None,
+    chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
+    teacher_head: nn.Module | None = None,
+    teacher_softcap: float | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Summed KL and CE over the counted tokens of a micro-batch, computed ``chunk_tokens`` at a time.
+
+    Args:
+        student_hidden, teacher_hidden: final hidden states ``(B, T, H)`` (teacher: no grad; ``None``
+            for CE only).
+        labels: ``(B, T)`` with ``IGNORE_INDEX`` where no loss is taken (prompt, padding).
+        head: the output projection (``model.get_output_embeddings()``); ``teacher_head`` and
+            ``teacher_softcap`` a separate teacher model's (default: the student's).
+
+    Returns:
+        ``(kl_sum, ce_sum, n_tokens)``.
+    """
+    targets, mask = shifted_targets(labels)
+    student = student_hidden[mask]  # (n, H): only positions that predict a counted token
+    teacher = None if teacher_hidden is None else teacher_hidden[mask]
+    targets = targets[mask]
+    heads = (head, head if teacher_head is None else teacher_head)
+    softcaps = (softcap, softcap if teacher_head is None else teacher_softcap)
+    kl_sum = ce_sum = student.new_zeros((), dtype=torch.float32)
+    for start in range(0, len(targets), chunk_tokens):
+        part = slice(start, start + chunk_tokens)
+        args = (student[part], None if teacher is None else teacher[part], targets[part], heads, softcaps)
+        if student.requires_grad:  # keep only the chunk's hidden states; its logits are recomputed in backward
+            kl, ce = checkpoint(_chunk_losses, *args, temperature, want_ce, use_reentrant=False)
+        else:
+            kl, ce = _chunk_losses(*args, temperature, want_ce)
+        kl_sum, ce_sum = kl_sum + kl, ce_sum + ce
+    return kl_sum, ce_sum, len(targets)
+
+
+def logit_softcap(model: nn.Module) -> float | None:
+    """Gemma-style ``final_logit_softcapping`` of a model's config, if any."""
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    return getattr(config, "final_logit_softcapping", None)
+
+
+@contextmanager
+def float_teacher(model: nn.Module) -> Iterator[None]:
+    """Run ``model`` as the float model it was prepared from: every quantized layer computes with its
+    frozen ``W0`` (no quantizer, no adapter, no activation/KV fake quantization) inside the block."""
+    modules = list(model.modules())
+    for module in modules:
+        module.float_forward = True
+    try:
+        yield
+    finally:
+        for module in modules:
+            module.__dict__.pop("float_forward", None)
+
+
+class FinalHidden:
+    """Captures the decoder's final (normed) hidden states ``(B, T, H)`` of each forward.
+
+    The loop calls the (possibly DDP/FSDP-wrapped) model as usual, asking for the logits of the last
+    position only, and reads the full hidden states from here: the wrapper's hooks stay in the path
+    and the full ``(B, T, V)`` logits are never computed.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        self.hidden: torch.Tensor | None = None
+        self._handle = model.get_decoder().register_forward_hook(self._keep)
+
+    def _keep(self, _module: nn.Module, _args, output) -> None:  # noqa: ANN001 - hook signature
+        self.hidden = output[0] if isinstance(output, tuple) else output.last_hidden_state
+
+    def take(self) -> torch.Tensor:
+        hidden, self.hidden = self.hidden, None
+        if hidden is None:
+            raise RuntimeError("no decoder output captured: was the model called?")
+        return hidden
+
+    def remove(self) -> None:
+        self._handle.remove()
+
