@@ -15,6 +15,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from dlqat.fileio import atomic_write_json, atomic_write_text
 from dlqat.methods import METHODS
 
 COLUMNS = [
@@ -72,7 +73,7 @@ def run_one(method: str, bits: int, group: int, steps: int, out: Path, extra: li
         data["peak_memory_mb"] = (
             usage.ru_maxrss / 1024 if data.get("peak_memory_mb") is None else data["peak_memory_mb"]
         )
-        results_file.write_text(json.dumps(data, indent=2))
+        atomic_write_json(results_file, data)
     data = json.loads(results_file.read_text())
     ppl = data["perplexity"]
     trainable = max(data["trainable_params"].values(), default=0)
@@ -107,7 +108,7 @@ def write_table(rows: list[dict], out: Path) -> str:
     if rows and rows[0].get("eval"):
         lines += ["", f"Perplexity: {rows[0]['eval']}."]
     table = "\n".join(lines) + "\n"
-    (out / "comparison.md").write_text(table)
+    atomic_write_text(out / "comparison.md", table)
     return table
 
 

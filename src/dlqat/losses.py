@@ -38,7 +38,8 @@ def shifted_targets(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _logits(head: nn.Module, hidden: torch.Tensor, softcap: float | None) -> torch.Tensor:
-    logits = head(hidden).float()
+    logits = head(hidden)
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # softmax in fp32 at least
     if softcap:  # Gemma's final logit soft-capping
         logits = torch.tanh(logits / softcap) * softcap
     return logits
@@ -54,7 +55,7 @@ def _chunk_losses(
     want_ce: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed KL(teacher || student) * T^2 and summed CE of one chunk of ``(n, hidden)`` states."""
-    z_s = _logits(heads[0], student, softcaps[0])  # (n, V), fp32
+    z_s = _logits(heads[0], student, softcaps[0])  # (n, V)
     kl = z_s.new_zeros(())
     if teacher is not None:
         with torch.no_grad():

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 from dlqat.eval.zero_shot import COMMON_SENSE
+from dlqat.fileio import atomic_write_json, atomic_write_text
 
 TASK_COLUMNS = ["arc_challenge", "arc_easy", "boolq", "hellaswag", "openbookqa", "piqa", "winogrande"]
 
@@ -118,8 +119,8 @@ def _settings(results: list[dict]) -> dict:
 def write_eval(result: dict, out: Path | None) -> str:
     table = markdown([result])
     if out is not None:
-        out.write_text(json.dumps(result, indent=2))
-        out.with_suffix(".md").write_text(table)
+        atomic_write_json(out, result)
+        atomic_write_text(out.with_suffix(".md"), table)
     return table
 
 
@@ -134,7 +135,7 @@ def report(paths: list[str], out_prefix: Path) -> str:
         results.append(json.loads(path.read_text()))
     table = markdown(results)
     out_prefix.parent.mkdir(parents=True, exist_ok=True)
-    out_prefix.with_suffix(".md").write_text(table)
+    atomic_write_text(out_prefix.with_suffix(".md"), table)
     _plot(results, out_prefix.with_suffix(".png"))
     return table
 

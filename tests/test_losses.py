@@ -1,0 +1,167 @@
+"""Distillation: the chunked KL/CE against a direct full-vocabulary reference, the float teacher equal to
+the original model, and a tiny run where ``kd`` lowers the student-teacher KL."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import tiny_configs, tiny_model
+from dlqat.data import IGNORE_INDEX
+from dlqat.losses import FinalHidden, float_teacher, token_losses
+from dlqat.methods import dl_qat
+from dlqat.methods.dl_qat import DLQATConfig
+from dlqat.train import Objective, train
+
+
+def reference_losses(z_s, z_t, labels, temperature):
+    """Full (B, T, V) logits at once: KL(teacher || student) * T^2 and CE, summed over counted tokens."""
+    targets = torch.cat([labels[:, 1:], torch.full_like(labels[:, :1], IGNORE_INDEX)], dim=1)
+    mask = targets != IGNORE_INDEX
+    p_t = F.softmax(z_t[mask] / temperature, -1)
+    kl = F.kl_div(F.log_softmax(z_s[mask] / temperature, -1), p_t, reduction="sum") * temperature**2
+    ce = F.cross_entropy(z_s[mask], targets[mask], reduction="sum")
+    return kl, ce, int(mask.sum())
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 512])
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+def test_chunked_losses_equal_the_full_vocabulary_reference(chunk, temperature):
+    torch.manual_seed(0)
+    head = torch.nn.Linear(16, 50, bias=False).double()
+    h_s = torch.randn(2, 9, 16, dtype=torch.float64, requires_grad=True)
+    h_t = torch.randn(2, 9, 16, dtype=torch.float64)
+    labels = torch.randint(0, 50, (2, 9))
+    labels[0, :3] = IGNORE_INDEX  # a prompt
+    labels[1, 7:] = IGNORE_INDEX  # padding
+    kl, ce, n = token_losses(h_s, h_t, labels, head, temperature, want_ce=True, chunk_tokens=chunk)
+    ref_kl, ref_ce, ref_n = reference_losses(head(h_s), head(h_t), labels, temperature)
+    assert n == ref_n == 12
+    torch.testing.assert_close(kl.double(), ref_kl, rtol=1e-6, atol=1e-9)
+    torch.testing.assert_close(ce.double(), ref_ce, rtol=1e-6, atol=1e-9)
+    (grad,) = torch.autograd.grad(kl + ce, h_s)  # through the checkpointed chunks
+    (ref_grad,) = torch.autograd.grad(ref_kl + ref_ce, h_s)
+    torch.testing.assert_close(grad, ref_grad, rtol=1e-6, atol=1e-9)
+
+
+def test_softcap_and_a_separate_teacher_head():
+    torch.manual_seed(0)
+    head, t_head = torch.nn.Linear(8, 20, bias=False), torch.nn.Linear(12, 20, bias=False)
+    h_s, h_t = torch.randn(1, 5, 8), torch.randn(1, 5, 12)
+    labels = torch.randint(0, 20, (1, 5))
+    kl, _, _ = token_losses(h_s, h_t, labels, head, softcap=3.0, teacher_head=t_head, teacher_softcap=4.0, chunk_tokens=2)
+    z_s, z_t = torch.tanh(head(h_s) / 3.0) * 3.0, torch.tanh(t_head(h_t) / 4.0) * 4.0
+    torch.testing.assert_close(kl, reference_losses(z_s, z_t, labels, 1.0)[0], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+def test_float_teacher_is_the_original_model(arch):
+    """Inside float_teacher a prepared (and trained-looking) model computes the float logits exactly."""
+    model = tiny_model(arch)
+    original = copy.deepcopy(model)
+    dl_qat.prepare(model, DLQATConfig(n_bits=2, group_size=16, rank=4))
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith(("lora_b", "magnitude")):
+                param.add_(0.1 * torch.randn_like(param))  # adapters that change the output
+    ids = torch.randint(0, 320, (2, 12))
+    with torch.no_grad():
+        expected = original(ids).logits
+        quantized = model(ids).logits
+        with float_teacher(model):
+            teacher = model(ids).logits
+        after = model(ids).logits
+    torch.testing.assert_close(teacher, expected, atol=0, rtol=0)
+    assert not torch.allclose(quantized, expected, atol=1e-3)
+    torch.testing.assert_close(after, quantized, atol=0, rtol=0)  # switched back on
+
+
+def test_final_hidden_gives_the_head_input():
+    model = tiny_model("llama")
+    hidden = FinalHidden(model)
+    ids = torch.randint(0, 320, (1, 6))
+    with torch.no_grad():
+        full = model(ids).logits
+        model(ids, logits_to_keep=1)
+    torch.testing.assert_close(model.get_output_embeddings()(hidden.take()), full, atol=1e-6, rtol=1e-5)
+    hidden.remove()
+
+
+def test_objective_ce_is_the_token_sum():
+    model = tiny_model("llama")
+    ids = torch.randint(0, 320, (2, 10))
+    labels = ids.clone()
+    labels[0, -3:] = IGNORE_INDEX
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
+    with torch.no_grad():
+        summed = Objective(model, "ce", 1.0)(model, batch)
+    with torch.no_grad():
+        _, ce, n = token_losses(_hidden(model, ids), None, labels, model.get_output_embeddings(), want_ce=True)
+    assert n == 2 * 9 - 3
+    torch.testing.assert_close(summed, ce, rtol=1e-5, atol=1e-5)
+
+
+def _hidden(model, ids):
+    hook = FinalHidden(model)
+    model(ids)
+    hook.remove()
+    return hook.take()
+
+
+@pytest.fixture(scope="module")
+def trained_tiny_model_dir(tiny_model_dir, tokenizer, text_file, tmp_path_factory):
+    """The tiny Llama after 40 float steps on the tiny text: a teacher with peaked predictions (a random
+    model's are near uniform, so any student is already close to it)."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).train()
+    ids = torch.tensor(tokenizer(text_file.read_text())["input_ids"][: 16 * 32]).view(16, 32)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    for step in range(40):
+        batch = ids[(step % 4) * 4 : (step % 4) * 4 + 4]
+        model(input_ids=batch, labels=batch).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    path = tmp_path_factory.mktemp("trained-tiny")
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def test_kd_run_lowers_the_student_teacher_kl(trained_tiny_model_dir, tokenizer, text_file, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from dlqat.export import load_quantized
+
+    method, cfg = tiny_configs(trained_tiny_model_dir, text_file, tmp_path / "kd", n_bits=2, phase1_steps=4,
+                               phase2_steps=24, lr=1e-3, loss="kd", save_every=100)  # fmt: skip
+    train(method, cfg)
+    teacher = AutoModelForCausalLM.from_pretrained(trained_tiny_model_dir).eval()
+    rtn = copy.deepcopy(teacher)
+    dl_qat.prepare(rtn, DLQATConfig(n_bits=2, group_size=32, rank=4))  # the untrained start
+    student, _ = load_quantized(tmp_path / "kd" / "quantized")
+    ids = torch.tensor(tokenizer(text_file.read_text())["input_ids"][: 8 * 32]).view(8, 32)
+
+    def kl_to_teacher(model):
+        with torch.no_grad():
+            log_p, log_q = F.log_softmax(teacher(ids).logits, -1), F.log_softmax(model(ids).logits, -1)
+        return float((log_p.exp() * (log_p - log_q)).sum(-1).mean())
+
+    before, after = kl_to_teacher(rtn), kl_to_teacher(student)
+    assert after < 0.7 * before, (before, after)
+
+
+def test_kd_is_refused_where_no_float_weight_is_kept(tiny_model_dir, text_file, tmp_path):
+    from dlqat.methods import make_config
+    from dlqat.train import TrainConfig
+
+    cfg = TrainConfig(model=str(tiny_model_dir), data=str(text_file), eval_data=str(text_file),
+                      output_dir=str(tmp_path / "q"), loss="kd", seq_len=32, eval_seq_len=32, progress=False)  # fmt: skip
+    with pytest.raises(ValueError, match="keeps no frozen float weight"):
+        train(make_config("qa_lora", group_size=32, steps=1), cfg)
+    assert not (tmp_path / "q" / "run_config.json").exists()
