@@ -144,3 +144,53 @@ def test_bad_bits_named_in_error(bad):
 def test_bad_group_size_named_in_error(bad):
     with pytest.raises(ValueError, match="group_size"):
         minmax_scale_offset(torch.randn(2, 8), 4, bad)
+
+
+def _mse_reference(w, n_bits, group_size, grid=20, min_shrink=0.5):
+    """Per group, per shrink factor: the plain loop the clipping search must equal."""
+    lo, hi = -(2 ** (n_bits - 1)), 2 ** (n_bits - 1) - 1
+    g = w.shape[1] if group_size == -1 else min(group_size, w.shape[1])
+    shrinks = torch.linspace(1.0, min_shrink, grid).tolist()
+    n_g = -(-w.shape[1] // g)
+    scale, offset = torch.empty(w.shape[0], n_g), torch.empty(w.shape[0], n_g)
+    for r in range(w.shape[0]):
+        for j in range(n_g):
+            cols = w[r, j * g : (j + 1) * g]
+            best = None
+            for p in shrinks:
+                mx, mn = p * cols.max(), p * cols.min()
+                s = ((mx - mn) / (2**n_bits - 1)).clamp_min(1e-8)
+                b = (2 ** (n_bits - 1) * mx + (2 ** (n_bits - 1) - 1) * mn) / (2**n_bits - 1)
+                err = ((torch.clamp(torch.round((cols - b) / s), lo, hi) * s + b - cols) ** 2).sum()
+                if best is None or err < best[0]:
+                    best = (err, s, b)
+            scale[r, j], offset[r, j] = best[1], best[2]
+    return scale, offset
+
+
+@pytest.mark.parametrize("n_bits,group_size,in_features", [(2, 16, 64), (3, 32, 80), (4, -1, 48)])
+def test_mse_clipping_search_equals_a_plain_loop_and_beats_minmax(n_bits, group_size, in_features):
+    from dlqat.quant import mse_scale_offset
+
+    torch.manual_seed(0)
+    w = torch.randn(6, in_features) * torch.rand(6, 1)
+    w[0, 3] = 8.0  # an outlier worth clipping
+    scale, offset = mse_scale_offset(w, n_bits, group_size)
+    ref_scale, ref_offset = _mse_reference(w, n_bits, group_size)
+    torch.testing.assert_close(scale, ref_scale, atol=0, rtol=0)
+    torch.testing.assert_close(offset, ref_offset, atol=0, rtol=0)
+    err = (fake_quantize(w, scale, offset, n_bits, group_size) - w).square().sum()
+    mm = minmax_scale_offset(w, n_bits, group_size)
+    assert err < (fake_quantize(w, *mm, n_bits, group_size) - w).square().sum()
+
+
+def test_untrained_mse_layer_is_rtn_with_the_searched_ranges():
+    from dlqat.layers import QuantLoRALinear
+    from dlqat.quant import mse_scale_offset
+
+    linear = torch.nn.Linear(80, 8, bias=False)
+    layer = QuantLoRALinear.from_linear(linear, n_bits=3, group_size=32, rank=4, alpha=4.0, init="mse")
+    scale, offset = mse_scale_offset(linear.weight.detach(), 3, 32)
+    x = torch.randn(5, 80)
+    expected = x @ fake_quantize(linear.weight.detach(), scale, offset, 3, 32).T
+    torch.testing.assert_close(layer(x), expected, atol=0, rtol=0)

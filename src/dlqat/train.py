@@ -280,8 +280,8 @@ def train(method_cfg: QuantMethodConfig, cfg: TrainConfig) -> dict:
     base_params = count_parameters(model)[1]
     names = method.prepare(model, method_cfg)
     act_hooks = install_act_quant(model, cfg.act_bits, cfg.kv_bits)
-    if method.STARTS_AT_RTN:
-        evaluate("rtn")  # e.g. DL-QAT: B = 0, m = 1, min/max scale/offset is exactly round-to-nearest
+    if method.STARTS_AT_RTN:  # e.g. DL-QAT: B = 0, m = 1, min/max scale/offset is exactly round-to-nearest
+        evaluate("rtn" if getattr(method_cfg, "init", "minmax") == "minmax" else f"rtn-{method_cfg.init}")
     accelerator.wait_for_everyone()
     if ckpt:
         _, unexpected = model.load_state_dict(ckpt["quant_state"], strict=False)

@@ -12,7 +12,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dlqat.quant import apply_magnitude, fake_quantize, merge_lora, minmax_scale_offset, n_groups, quantize
+from dlqat.quant import (
+    apply_magnitude,
+    fake_quantize,
+    merge_lora,
+    minmax_scale_offset,
+    mse_scale_offset,
+    n_groups,
+    quantize,
+)
 from dlqat.quant.lean_linear import lean_qlora_linear
 
 
@@ -22,6 +30,11 @@ class ClipMode(str, Enum):
     DYNAMIC = "dynamic"  # min/max of the current merged weight every step, never trained
     LEARN_THEN_FIX = "learn_then_fix"  # DL-QAT: trained alone in phase 1, frozen in phase 2
     JOINT = "joint"  # trained together with A, B (and m) in phase 2 (L4Q-style)
+
+
+# Where scale/offset start: min/max (the untrained layer is RTN) or the clipping search of
+# ``mse_scale_offset`` (the untrained layer is RTN with MSE-searched ranges).
+INITS = ("minmax", "mse")
 
 
 class QuantLoRALinear(nn.Module):
@@ -45,8 +58,11 @@ class QuantLoRALinear(nn.Module):
         alpha: float,
         use_magnitude: bool = True,
         clip_mode: ClipMode | str = ClipMode.LEARN_THEN_FIX,
+        init: str = "minmax",
     ) -> None:
         super().__init__()
+        if init not in INITS:
+            raise ValueError(f"init={init!r}: expected one of {', '.join(INITS)}")
         out_features, in_features = weight.shape
         self.in_features, self.out_features = in_features, out_features
         self.n_bits, self.group_size = n_bits, group_size
@@ -68,7 +84,7 @@ class QuantLoRALinear(nn.Module):
         if self.clip_mode is ClipMode.DYNAMIC:
             self.scale = self.offset = None
         else:
-            scale, offset = self._minmax(weight)
+            scale, offset = self._minmax(weight) if init == "minmax" else self._mse(weight)
             self.scale, self.offset = nn.Parameter(scale), nn.Parameter(offset)
 
     @classmethod
@@ -81,6 +97,12 @@ class QuantLoRALinear(nn.Module):
             return torch.empty(shape, device="meta", dtype=w.dtype), torch.empty(shape, device="meta", dtype=w.dtype)
         with torch.no_grad():
             return minmax_scale_offset(w.detach(), self.n_bits, self.group_size)
+
+    def _mse(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if w.device.type == "meta":
+            return self._minmax(w)
+        with torch.no_grad():
+            return mse_scale_offset(w.detach(), self.n_bits, self.group_size)
 
     def merged_weight(self) -> torch.Tensor:
         """``W0 + scaling * B @ A``, ``(out, in)``."""
@@ -143,4 +165,4 @@ class QuantLoRALinear(nn.Module):
         )
 
 
-__all__ = ["ClipMode", "QuantLoRALinear"]
+__all__ = ["INITS", "ClipMode", "QuantLoRALinear"]

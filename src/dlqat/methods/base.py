@@ -14,6 +14,7 @@ from typing import Callable, ClassVar
 from torch import nn
 
 from dlqat.layers import ClipMode, QuantLoRALinear
+from dlqat.layers.quant_lora_linear import INITS
 from dlqat.quant.primitives import check_bits, resolve_group_size
 from dlqat.surgery import DEFAULT_TARGETS, name_filter, replace_linears
 
@@ -43,6 +44,8 @@ class QuantMethodConfig:
         for name, value in asdict(self).items():
             if name in ("rank", "calib_samples") and value < 1:
                 raise ValueError(f"{name}={value!r}: expected a positive integer")
+            if name == "init" and value not in INITS:
+                raise ValueError(f"init={value!r}: expected one of {', '.join(INITS)}")
             if name in ("alpha", "lr", "quant_lr") and value <= 0:
                 raise ValueError(f"{name}={value!r}: expected a positive number")
             if name.endswith("steps") and value is not None and value < 0:
@@ -89,6 +92,7 @@ def swap_in_quant_lora(
     clip_mode: ClipMode | str,
     quantize_enabled: bool = True,
     lean: bool = True,
+    init: str = "minmax",
 ) -> list[str]:
     """Replace ``cfg``'s target linears by ``QuantLoRALinear`` layers (the shared layer of dl_qat,
     l4q, full_qat and the float LoRA of lora_rtn/lora_gptq); returns the replaced names."""
@@ -96,7 +100,7 @@ def swap_in_quant_lora(
     def make(_name: str, linear: nn.Linear) -> QuantLoRALinear:
         layer = QuantLoRALinear.from_linear(
             linear, n_bits=cfg.n_bits, group_size=cfg.group_size, rank=rank, alpha=alpha,
-            use_magnitude=use_magnitude, clip_mode=clip_mode,
+            use_magnitude=use_magnitude, clip_mode=clip_mode, init=init,
         )  # fmt: skip
         layer.quantize_enabled, layer.lean = quantize_enabled, lean
         return layer

@@ -30,6 +30,10 @@ class DLQATConfig(QuantMethodConfig):
         default=ClipMode.LEARN_THEN_FIX.value,
         metadata={"help": f"clipping range: one of {_CLIP_MODES}"},
     )
+    init: str = field(
+        default="minmax",
+        metadata={"help": "scale/offset start: minmax (untrained = RTN) or mse (per-group clipping search)"},
+    )
     phase1_steps: int | None = field(
         default=None,
         metadata={"help": "phase-1 optimizer steps (scale/offset only); default 1000 (paper), 10 for the demo"},
@@ -47,6 +51,8 @@ class DLQATConfig(QuantMethodConfig):
     def __post_init__(self) -> None:
         if self.clip_mode not in _CLIP_MODES:
             raise ValueError(f"clip_mode={self.clip_mode!r}: expected one of {_CLIP_MODES}")
+        if self.clip_mode == ClipMode.DYNAMIC.value and self.init != "minmax":
+            raise ValueError(f"init={self.init!r}: clip_mode=dynamic recomputes min/max every step; use init=minmax")
         if self.clip_mode != ClipMode.LEARN_THEN_FIX.value and self.phase1_steps:
             raise ValueError(
                 f"phase1_steps={self.phase1_steps}: clip_mode={self.clip_mode} has no range-only phase 1 "
@@ -71,8 +77,9 @@ STARTS_AT_RTN = True
 def prepare(model: nn.Module, cfg: DLQATConfig) -> list[str]:
     """Swap the target linears for ``QuantLoRALinear`` in place; returns the replaced names."""
     return swap_in_quant_lora(
-        model, cfg, rank=cfg.rank, alpha=cfg.alpha, use_magnitude=cfg.use_magnitude, clip_mode=cfg.clip_mode
-    )
+        model, cfg, rank=cfg.rank, alpha=cfg.alpha, use_magnitude=cfg.use_magnitude, clip_mode=cfg.clip_mode,
+        init=cfg.init,
+    )  # fmt: skip
 
 
 def phases(cfg: DLQATConfig, layer_names: list[str] | None = None) -> list[Phase]:

@@ -23,13 +23,19 @@ class L4QConfig(QuantMethodConfig):
     method: ClassVar[str] = "l4q"
     rank: int = field(default=16, metadata={"help": "LoRA rank r"})
     alpha: float = field(default=16.0, metadata={"help": "LoRA alpha; scaling = alpha / rank"})
+    init: str = field(
+        default="minmax",
+        metadata={"help": "scale/offset start: minmax (untrained = RTN) or mse (per-group clipping search)"},
+    )
     steps: int | None = field(default=None, metadata={"help": "optimizer steps; default 2000 (40 in the demo)"})
     lr: float = field(default=2e-4, metadata={"help": "learning rate of A, B"})
     quant_lr: float = field(default=1e-4, metadata={"help": "learning rate of scale, offset"})
 
 
 def prepare(model: nn.Module, cfg: L4QConfig) -> list[str]:
-    return swap_in_quant_lora(model, cfg, rank=cfg.rank, alpha=cfg.alpha, use_magnitude=False, clip_mode=ClipMode.JOINT)
+    return swap_in_quant_lora(
+        model, cfg, rank=cfg.rank, alpha=cfg.alpha, use_magnitude=False, clip_mode=ClipMode.JOINT, init=cfg.init
+    )
 
 
 def phases(cfg: L4QConfig, layer_names: list[str] | None = None) -> list[Phase]:

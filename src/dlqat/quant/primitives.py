@@ -111,12 +111,52 @@ def minmax_scale_offset(w: torch.Tensor, n_bits: int, group_size: int) -> tuple[
     """
     check_bits(n_bits)
     wg = to_groups(w, group_size)
-    w_max, w_min = wg.amax(dim=-1), wg.amin(dim=-1)
+    return _range_scale_offset(wg.amax(dim=-1), wg.amin(dim=-1), n_bits)
+
+
+def _range_scale_offset(w_max: torch.Tensor, w_min: torch.Tensor, n_bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale and offset that map ``w_max`` to the top code and ``w_min`` to the bottom one."""
     levels = 2**n_bits - 1
     half = 2 ** (n_bits - 1)
     scale = ((w_max - w_min) / levels).clamp_min(SCALE_EPS)
     offset = (half * w_max + (half - 1) * w_min) / levels
     return scale, offset
+
+
+def mse_scale_offset(
+    w: torch.Tensor, n_bits: int, group_size: int, grid: int = 20, min_shrink: float = 0.5
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Clipping search: per group, the min/max range shrunk by the factor (from ``linspace(1,
+    min_shrink, grid)``) whose round-to-nearest weight has the least squared error.
+
+    The grid search of GPTQ's quantizer (``mse=True``) and llama.cpp's k-quants: clipping a few
+    outliers buys a finer step for the rest of the group, which at 2-3 bits outweighs the clipped
+    error. Factor 1 is min/max itself, so the result is never worse than min/max (ties keep the larger
+    range). A ragged last group's padding is left out of its error.
+
+    Returns:
+        ``scale, offset``, each ``(out, n_groups)``.
+    """
+    lo, hi = code_range(n_bits)
+    wg = to_groups(w, group_size)  # (out, G, g)
+    valid = _valid_columns(w, wg)
+    w_max, w_min = wg.amax(dim=-1), wg.amin(dim=-1)
+    best_scale, best_offset = _range_scale_offset(w_max, w_min, n_bits)
+    best_err = torch.full_like(w_max, math.inf)
+    for shrink in torch.linspace(1.0, min_shrink, grid).tolist():
+        scale, offset = _range_scale_offset(shrink * w_max, shrink * w_min, n_bits)
+        q = torch.clamp(torch.round((wg - offset.unsqueeze(-1)) / scale.unsqueeze(-1)), lo, hi)
+        err = ((q * scale.unsqueeze(-1) + offset.unsqueeze(-1) - wg).square() * valid).sum(-1)
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        best_scale, best_offset = torch.where(better, scale, best_scale), torch.where(better, offset, best_offset)
+    return best_scale, best_offset
+
+
+def _valid_columns(w: torch.Tensor, wg: torch.Tensor) -> torch.Tensor:
+    """``(1, G, g)`` ones on real columns, zeros on a ragged last group's padding."""
+    cols = torch.arange(wg.shape[1] * wg.shape[2], device=w.device) < w.shape[1]
+    return cols.to(w.dtype).view(1, wg.shape[1], wg.shape[2])
 
 
 def quantize(w: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, n_bits: int, group_size: int) -> torch.Tensor:
