@@ -104,3 +104,15 @@ def test_config_errors_name_field_and_value(field, value):
     with pytest.raises(ValueError, match=field) as err:
         DLQATConfig(**{field: value})
     assert repr(value) in str(err.value)
+
+
+def test_weight_decay_never_touches_the_quantizer_parameters():
+    """AdamW decay on m would pull the magnitude toward 0, on scale/offset the range toward a point."""
+    model = tiny_model("llama")
+    cfg = DLQATConfig(group_size=32, rank=4, clip_mode="joint", phase1_steps=0, phase2_steps=1)
+    prepare(model, cfg)
+    (phase,) = phases(cfg)
+    set_trainable(model, phase.trains)
+    names = {id(p): n.rsplit(".", 1)[-1] for n, p in model.named_parameters()}
+    decay = {names[id(p)]: g["weight_decay"] for g in phase.param_groups(model, 0.1) for p in g["params"]}
+    assert decay == {"lora_a": 0.1, "lora_b": 0.1, "magnitude": 0.0, "scale": 0.0, "offset": 0.0}

@@ -194,3 +194,14 @@ def test_untrained_mse_layer_is_rtn_with_the_searched_ranges():
     x = torch.randn(5, 80)
     expected = x @ fake_quantize(linear.weight.detach(), scale, offset, 3, 32).T
     torch.testing.assert_close(layer(x), expected, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_constant_group_gives_finite_codes_in_every_dtype(dtype):
+    """A group whose values are all equal: the floored scale must survive the dtype (1e-8 is 0 in fp16)."""
+    w = torch.full((2, 32), 0.25, dtype=dtype)
+    scale, offset = minmax_scale_offset(w, 4, 16)
+    assert (scale > 0).all()
+    w_fq = fake_quantize(w, scale, offset, 4, 16)
+    assert torch.isfinite(w_fq).all()
+    torch.testing.assert_close(w_fq, w, atol=1e-3, rtol=0)

@@ -97,6 +97,10 @@ def _eval(argv: list[str]) -> int:
         value = getattr(args, flag)
         if value is not None and (value < 0 if flag == "num_fewshot" else value < 1):
             raise ValueError(f"--{flag.replace('_', '-')}={value}: expected a positive integer")
+    for flag in ("act_bits", "kv_bits", "rtn_bits"):
+        value = getattr(args, flag)
+        if value is not None and not 2 <= value <= 8:
+            raise ValueError(f"--{flag.replace('_', '-')}={value}: expected 2..8 bits")
 
     from dlqat.eval.report import evaluate_model, merge_eval, write_eval
 

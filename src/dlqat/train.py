@@ -102,7 +102,9 @@ class TrainConfig:
         default=None,
         metadata={"help": "micro-batches per optimizer step; default 16 (effective batch 16; 4 in the demo)"},
     )
-    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
+    weight_decay: float = field(
+        default=0.0, metadata={"help": "AdamW weight decay of adapters/weights (never of magnitude, scale, offset)"}
+    )
     max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping norm (0 = off)"})
     seed: int = field(default=42, metadata={"help": "seed for init and data order"})
     train_on_prompt: bool = field(default=False, metadata={"help": "instruction data: also train on prompt tokens"})
@@ -154,8 +156,8 @@ class TrainConfig:
             raise ValueError(f"mixed_precision={self.mixed_precision!r}: expected auto, no, bf16 or fp16")
         for name in ("act_bits", "kv_bits"):
             value = getattr(self, name)
-            if value is not None and not 2 <= value <= 16:
-                raise ValueError(f"{name}={value!r}: expected 2..16 bits or unset")
+            if value is not None and not 2 <= value <= 8:
+                raise ValueError(f"{name}={value!r}: expected 2..8 bits or unset (per-token codes are int8 at most)")
         if self.loss not in LOSSES:
             raise ValueError(f"loss={self.loss!r}: expected one of {', '.join(LOSSES)}")
         if not self.kd_temperature > 0:
@@ -485,7 +487,7 @@ def _start_phase(accelerator: Accelerator, model, phase: Phase, cfg: TrainConfig
     selected = set_trainable(model, phase.trains)
     if not selected:
         raise ValueError(f"{phase.name}: no parameter to train")
-    optimizer = torch.optim.AdamW(phase.param_groups(model), lr=phase.lr, weight_decay=cfg.weight_decay)
+    optimizer = torch.optim.AdamW(phase.param_groups(model, cfg.weight_decay), lr=phase.lr)
     model.train()
     return accelerator.prepare(model, optimizer)
 

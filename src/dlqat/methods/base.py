@@ -55,6 +55,10 @@ class QuantMethodConfig:
         return {"method": self.method, **asdict(self)}
 
 
+# Quantizer parameters: never weight-decayed (see Phase.param_groups).
+NO_DECAY = ("magnitude", "scale", "offset")
+
+
 @dataclass(frozen=True)
 class Phase:
     """One stretch of training with its own trainable set and optimizer.
@@ -74,12 +78,16 @@ class Phase:
     trains: Callable[[str], bool]
     lr_by_suffix: dict[str, float] = field(default_factory=dict)
 
-    def param_groups(self, model: nn.Module) -> list[dict]:
-        groups: dict[float, list] = {}
+    def param_groups(self, model: nn.Module, weight_decay: float = 0.0) -> list[dict]:
+        """AdamW groups by learning rate; weight decay only for adapters and weights: decaying ``m`` toward
+        0 or the clipping range toward a point would pull the quantizer away from the weights it codes."""
+        groups: dict[tuple[float, float], list] = {}
         for name, param in model.named_parameters():
             if param.requires_grad:
-                groups.setdefault(self.lr_by_suffix.get(name.rsplit(".", 1)[-1], self.lr), []).append(param)
-        return [{"params": params, "lr": lr} for lr, params in groups.items()]
+                kind = name.rsplit(".", 1)[-1]
+                decay = 0.0 if kind in NO_DECAY else weight_decay
+                groups.setdefault((self.lr_by_suffix.get(kind, self.lr), decay), []).append(param)
+        return [{"params": params, "lr": lr, "weight_decay": decay} for (lr, decay), params in groups.items()]
 
 
 def swap_in_quant_lora(

@@ -21,13 +21,14 @@ import torch
 import torch.nn.functional as F
 
 from dlqat.quant.primitives import (
-    SCALE_EPS,
     apply_magnitude,
+    clamp_scale,
     code_range,
     dequantize,
     from_groups,
     merge_lora,
     quantize,
+    scale_floor,
     to_groups,
 )
 
@@ -67,7 +68,7 @@ def _backward_elementwise(
     lo, hi = code_range(n_bits)
     in_features = weight.shape[1]
     merged = merge_lora(weight, lora_a, lora_b, scaling)
-    s = scale.clamp_min(SCALE_EPS).unsqueeze(-1)
+    s = clamp_scale(scale).unsqueeze(-1)
     b = offset.unsqueeze(-1)
     u = (to_groups(merged, group_size) - b) / s  # (out, G, g)
     r = torch.round(u)
@@ -83,7 +84,7 @@ def _backward_elementwise(
             d_mag = (d_wg * (s * q + b)).sum(-1)
         d_wm = d_wg if m is None else d_wg * m
         if need_scale:
-            d_scale = (d_wm * torch.where(inside, q - u, q)).sum(-1) * (scale >= SCALE_EPS)
+            d_scale = (d_wm * torch.where(inside, q - u, q)).sum(-1) * (scale >= scale_floor(scale.dtype))
         if need_offset:
             d_offset = (d_wm * ~inside).sum(-1)
         if need_merged:

@@ -20,8 +20,18 @@ import math
 import torch
 
 MIN_BITS, MAX_BITS = 2, 8
-# A group whose values are all equal has max == min; the scale is floored so we never divide by 0.
+# A group whose values are all equal has max == min; the scale is floored so we never divide by 0
+# (in fp16 at its smallest normal number: 1e-8 would underflow to 0 there).
 SCALE_EPS = 1e-8
+
+
+def scale_floor(dtype: torch.dtype) -> float:
+    """The smallest scale used for ``dtype``: ``SCALE_EPS``, or the dtype's smallest normal if larger."""
+    return max(SCALE_EPS, torch.finfo(dtype).tiny)
+
+
+def clamp_scale(scale: torch.Tensor) -> torch.Tensor:
+    return scale.clamp_min(scale_floor(scale.dtype))
 
 
 class _RoundSTE(torch.autograd.Function):
@@ -118,7 +128,7 @@ def _range_scale_offset(w_max: torch.Tensor, w_min: torch.Tensor, n_bits: int) -
     """Scale and offset that map ``w_max`` to the top code and ``w_min`` to the bottom one."""
     levels = 2**n_bits - 1
     half = 2 ** (n_bits - 1)
-    scale = ((w_max - w_min) / levels).clamp_min(SCALE_EPS)
+    scale = clamp_scale((w_max - w_min) / levels)
     offset = (half * w_max + (half - 1) * w_min) / levels
     return scale, offset
 
@@ -170,7 +180,7 @@ def quantize(w: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, n_bits:
     """
     lo, hi = code_range(n_bits)
     wg = to_groups(w, group_size)
-    scale = scale.clamp_min(SCALE_EPS)
+    scale = clamp_scale(scale)
     qg = torch.clamp(round_ste((wg - offset.unsqueeze(-1)) / scale.unsqueeze(-1)), lo, hi)
     return from_groups(qg, w.shape[1])
 
@@ -192,7 +202,7 @@ def apply_magnitude(
 
     Training and export both take the final scale/offset from here, so they agree bit for bit.
     """
-    scale = scale.clamp_min(SCALE_EPS)
+    scale = clamp_scale(scale)
     if magnitude is None:
         return scale, offset
     return magnitude * scale, magnitude * offset
