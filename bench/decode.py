@@ -20,12 +20,12 @@ from pathlib import Path
 
 import torch
 
+from dlqat import DLQATConfig, prepare
 from dlqat.data import read_text, tokenize_text
 from dlqat.eval.perplexity import perplexity
 from dlqat.export import convert, load_quantized, save_quantized
 from dlqat.export.formats import export, quantized_dir
 from dlqat.layers.quantized_linear import set_backend
-from dlqat.methods.dl_qat import DLQATConfig, prepare
 from dlqat.models import load_model, source_gguf
 from dlqat.resources import default_eval_text
 

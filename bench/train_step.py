@@ -62,7 +62,8 @@ class FakeQuantPlusLoRA(nn.Module):
 
 
 def build(variant: str, model: nn.Module, n_bits: int, group_size: int, rank: int) -> nn.Module:
-    from dlqat.methods import make_config, method_module
+    from dlqat import phases, prepare
+    from dlqat.methods import make_config
     from dlqat.methods.base import set_trainable
     from dlqat.surgery import DEFAULT_TARGETS, name_filter, replace_linears
 
@@ -83,8 +84,8 @@ def build(variant: str, model: nn.Module, n_bits: int, group_size: int, rank: in
     extra = {"rank": rank} if variant != "e" else {}
     extra.update({"phase1_steps": 0, "phase2_steps": 1} if method == "dl_qat" else {"steps": 1})
     cfg = make_config(method, n_bits=n_bits, group_size=group_size, **extra)
-    names = method_module(cfg).prepare(model, cfg)
-    phase = method_module(cfg).phases(cfg, names)[-1]
+    names = prepare(model, cfg)
+    phase = phases(cfg, names)[-1]
     set_trainable(model, phase.trains)
     if variant == "g":
         from dlqat.quant.lean_linear import set_compile

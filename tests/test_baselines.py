@@ -8,12 +8,14 @@ import torch
 from torch import nn
 
 from conftest import tiny_args, tiny_eval_args, tiny_model
+from dlqat import finalize, phases, prepare
 from dlqat.cli import main, parse_train_args
 from dlqat.export import convert
 from dlqat.layers import QuantizedLinear
 from dlqat.layers.qa_lora_linear import QALoRALinear
-from dlqat.methods import METHODS, full_qat, l4q, make_config, ptq, qa_lora
+from dlqat.methods import GPTQConfig, handler, make_config, method_names
 from dlqat.methods.base import set_trainable
+from dlqat.methods.ptq import FloatLoRAFields
 from dlqat.quant import dequantize, minmax_scale_offset, quantize
 from dlqat.quant.gptq import gptq_quantize
 
@@ -38,14 +40,14 @@ def test_qa_lora_merges_into_offsets_exactly(in_features, group_size):
 def test_qa_lora_and_l4q_phases():
     cfg = make_config("qa_lora", group_size=32, rank=2, steps=3)
     model = tiny_model()
-    names = qa_lora.prepare(model, cfg)
-    (phase,) = qa_lora.phases(cfg, names)
+    names = prepare(model, cfg)
+    (phase,) = phases(cfg, names)
     assert {n.rsplit(".", 1)[-1] for n in set_trainable(model, phase.trains)} == {"lora_a", "lora_b"}
     assert model.model.layers[0].mlp.down_proj.lora_a.shape == (2, 96 // 32)
     cfg = make_config("l4q", group_size=32, rank=2, steps=3, lr=1e-3, quant_lr=1e-5)
     model = tiny_model()
-    l4q.prepare(model, cfg)
-    (phase,) = l4q.phases(cfg)
+    prepare(model, cfg)
+    (phase,) = phases(cfg)
     selected = set_trainable(model, phase.trains)
     assert {n.rsplit(".", 1)[-1] for n in selected} == {"lora_a", "lora_b", "scale", "offset"}
     assert sorted(g["lr"] for g in phase.param_groups(model)) == [1e-5, 1e-3]
@@ -81,12 +83,12 @@ def test_gptq_lowers_output_error_on_correlated_inputs(group_size):
 def test_lora_then_ptq_quantizes_the_merged_weight(algorithm):
     model = tiny_model()
     cfg = make_config(f"lora_{algorithm}", group_size=32, rank=2, steps=1)
-    names = ptq.prepare(model, cfg)
+    names = prepare(model, cfg)
     layer = model.get_submodule(names[0])
     with torch.no_grad():
         layer.lora_b.normal_(0, 0.1)
     merged = layer.merged_weight().detach().clone()
-    ptq.finalize(model, cfg, names, [torch.randint(0, 300, (1, 16)) for _ in range(4)])
+    finalize(model, cfg, names, [torch.randint(0, 300, (1, 16)) for _ in range(4)])
     out = model.get_submodule(names[0])
     assert isinstance(out, QuantizedLinear)
     if algorithm == "rtn":
@@ -101,8 +103,8 @@ def test_lora_then_ptq_quantizes_the_merged_weight(algorithm):
 def test_full_qat_trains_only_quantized_weights():
     model = tiny_model()
     cfg = make_config("full_qat", group_size=32, steps=1, lr=1e-2)
-    names = full_qat.prepare(model, cfg)
-    (phase,) = full_qat.phases(cfg, names)
+    names = prepare(model, cfg)
+    (phase,) = phases(cfg, names)
     selected = set_trainable(model, phase.trains)
     assert sorted(selected) == sorted(f"{n}.weight" for n in names)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
@@ -118,14 +120,17 @@ def test_presets_and_method_flags():
     cfg, _ = parse_train_args(["--preset", "dlqat-1"])
     assert cfg.use_magnitude is False and cfg.clip_mode == "dynamic"
     cfg, _ = parse_train_args(["--method", "lora_gptq", "--steps", "3"])
-    assert cfg.algorithm == "gptq" and cfg.lora_first and cfg.steps == 3
+    assert isinstance(cfg, GPTQConfig) and isinstance(cfg, FloatLoRAFields) and cfg.steps == 3
+    assert cfg.to_dict()["method"] == "lora_gptq"  # recorded under its own name (a PTQConfig was always "gptq")
+    cfg, train_cfg = parse_train_args(["--preset", "paper"])
+    assert (cfg.lr, cfg.quant_lr, cfg.phase2_steps, train_cfg.loss) == (2e-4, 2e-4, 5000, "ce")
     with pytest.raises(ValueError, match="preset='dlqat-9'"):
         parse_train_args(["--preset", "dlqat-9"])
     with pytest.raises(ValueError, match="method='nope'"):
         parse_train_args(["--method", "nope"])
 
 
-@pytest.mark.parametrize("method", sorted(METHODS))
+@pytest.mark.parametrize("method", method_names())
 def test_every_method_runs_from_the_cli(method, tiny_model_dir, text_file, tmp_path):
     steps = (
         []
@@ -148,7 +153,8 @@ def test_every_method_runs_from_the_cli(method, tiny_model_dir, text_file, tmp_p
     results = json.loads((out / "results.json").read_text())
     assert results["settings"]["method"] == method and method in results["perplexity"]
     if method != "rtn":
-        assert ("rtn" in results["perplexity"]) == METHODS[method][0].STARTS_AT_RTN
+        starts_at = handler(make_config(method)).starts_at(make_config(method))
+        assert ("rtn" in results["perplexity"]) == (starts_at == "rtn")
     assert main(tiny_eval_args(out, text_file, tmp_path / "e.json")) == 0
     assert json.loads((tmp_path / "e.json").read_text())["perplexity"]["perplexity"] == results["perplexity"][method]
 
@@ -232,9 +238,9 @@ def test_gptq_block_by_block_equals_the_naive_sequential_loop(arch):
     model = tiny_model(arch).eval()
     naive = copy.deepcopy(model)
     cfg = make_config("gptq", n_bits=3, group_size=32)
-    names = ptq.prepare(model, cfg)
+    names = prepare(model, cfg)
     batches = [torch.randint(0, 300, (1, 16)) for _ in range(4)]
-    ptq.finalize(model, cfg, names, batches)
+    finalize(model, cfg, names, batches)
 
     prefix, layers = decoder_layers(naive)
     for i in range(len(layers)):
@@ -257,7 +263,7 @@ def test_gptq_sequential_differs_from_one_float_pass_after_the_first_block():
     batches = [torch.randint(0, 300, (1, 16)) for _ in range(4)]
     for m, sequential in ((model, True), (flat, False)):
         cfg = make_config("gptq", n_bits=3, group_size=32, sequential=sequential)
-        ptq.finalize(m, cfg, ptq.prepare(m, cfg), batches)
+        finalize(m, cfg, prepare(m, cfg), batches)
     first = "model.layers.0.self_attn.q_proj"  # same float inputs either way
     assert torch.equal(model.get_submodule(first).codes(), flat.get_submodule(first).codes())
     last = "model.layers.1.mlp.down_proj"

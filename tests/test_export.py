@@ -5,9 +5,9 @@ import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 from conftest import TINY, tiny_model
+from dlqat import DLQATConfig, prepare
 from dlqat.export import convert, load_quantized, save_quantized
 from dlqat.layers import QuantizedLinear
-from dlqat.methods.dl_qat import DLQATConfig, prepare
 
 
 def perturb(model):

@@ -9,10 +9,10 @@ import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 from conftest import TINY
+from dlqat import DLQATConfig, prepare
 from dlqat.export import convert
 from dlqat.export.gguf_export import export_gguf, q4_1_bytes
 from dlqat.layers import QuantizedLinear
-from dlqat.methods.dl_qat import DLQATConfig, prepare
 from test_export import perturb
 
 

@@ -4,18 +4,16 @@ the original model, and a tiny run where ``kd`` lowers the student-teacher KL.""
 from __future__ import annotations
 
 import copy
-import json
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 from conftest import tiny_configs, tiny_model
+from dlqat import DLQATConfig, prepare
 from dlqat.data import IGNORE_INDEX
-from dlqat.losses import FinalHidden, float_teacher, token_losses
-from dlqat.methods import dl_qat
-from dlqat.methods.dl_qat import DLQATConfig
-from dlqat.train import Objective, train
+from dlqat.losses import FinalHidden, Objective, float_teacher, token_losses
+from dlqat.train import train
 
 
 def reference_losses(z_s, z_t, labels, temperature):
@@ -53,7 +51,9 @@ def test_softcap_and_a_separate_teacher_head():
     head, t_head = torch.nn.Linear(8, 20, bias=False), torch.nn.Linear(12, 20, bias=False)
     h_s, h_t = torch.randn(1, 5, 8), torch.randn(1, 5, 12)
     labels = torch.randint(0, 20, (1, 5))
-    kl, _, _ = token_losses(h_s, h_t, labels, head, softcap=3.0, teacher_head=t_head, teacher_softcap=4.0, chunk_tokens=2)
+    kl, _, _ = token_losses(
+        h_s, h_t, labels, head, softcap=3.0, teacher_head=t_head, teacher_softcap=4.0, chunk_tokens=2
+    )
     z_s, z_t = torch.tanh(head(h_s) / 3.0) * 3.0, torch.tanh(t_head(h_t) / 4.0) * 4.0
     torch.testing.assert_close(kl, reference_losses(z_s, z_t, labels, 1.0)[0], rtol=1e-5, atol=1e-6)
 
@@ -63,7 +63,7 @@ def test_float_teacher_is_the_original_model(arch):
     """Inside float_teacher a prepared (and trained-looking) model computes the float logits exactly."""
     model = tiny_model(arch)
     original = copy.deepcopy(model)
-    dl_qat.prepare(model, DLQATConfig(n_bits=2, group_size=16, rank=4))
+    prepare(model, DLQATConfig(n_bits=2, group_size=16, rank=4))
     with torch.no_grad():
         for name, param in model.named_parameters():
             if name.endswith(("lora_b", "magnitude")):
@@ -143,7 +143,7 @@ def test_kd_run_lowers_the_student_teacher_kl(trained_tiny_model_dir, tokenizer,
     train(method, cfg)
     teacher = AutoModelForCausalLM.from_pretrained(trained_tiny_model_dir).eval()
     rtn = copy.deepcopy(teacher)
-    dl_qat.prepare(rtn, DLQATConfig(n_bits=2, group_size=32, rank=4))  # the untrained start
+    prepare(rtn, DLQATConfig(n_bits=2, group_size=32, rank=4))  # the untrained start
     student, _ = load_quantized(tmp_path / "kd" / "quantized")
     ids = torch.tensor(tokenizer(text_file.read_text())["input_ids"][: 8 * 32]).view(8, 32)
 

@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from conftest import tiny_model
+from dlqat import DLQATConfig, phases, prepare
 from dlqat.methods.base import count_parameters, set_trainable
-from dlqat.methods.dl_qat import DLQATConfig, phases, prepare
 
 
 def snapshot(model):
@@ -73,11 +73,10 @@ def test_phase1_steps_without_a_phase_1_is_refused(clip_mode):
 
 def test_one_phase_settings_get_the_whole_budget():
     """Table 3's settings train equally long: without phase 1, phase 2 gets phase 1's steps too."""
-    from dlqat.train import TrainConfig, resolve_defaults
+    from dlqat.train_config import TrainConfig, resolve_defaults
 
     for clip_mode, expected in (("learn_then_fix", (1000, 1000)), ("dynamic", (0, 2000)), ("joint", (0, 2000))):
-        cfg = DLQATConfig(clip_mode=clip_mode)
-        resolve_defaults(cfg, TrainConfig(model="m", data="d.txt"))
+        cfg, _ = resolve_defaults(DLQATConfig(clip_mode=clip_mode), TrainConfig(model="m", data="d.txt"))
         assert (cfg.phase1_steps, cfg.phase2_steps) == expected
 
 

@@ -13,9 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 
-import dlqat.run_folder as run_folder
-import dlqat.train as train_mod
 from conftest import tiny_args
+from dlqat import loop, run_folder
 from dlqat.cli import main
 from dlqat.run_folder import load_checkpoint
 
@@ -143,7 +142,7 @@ def test_resumed_log_is_cut_back_to_the_checkpoint(tiny_model_dir, text_file, tm
     class Killed(Exception):
         pass
 
-    real_step, calls = train_mod._optimizer_step, {"n": 0}
+    real_step, calls = loop.optimizer_step, {"n": 0}
 
     def die_after_five(*args):
         calls["n"] += 1
@@ -152,7 +151,7 @@ def test_resumed_log_is_cut_back_to_the_checkpoint(tiny_model_dir, text_file, tm
         return real_step(*args)
 
     argv = ["train", *tiny_args(tiny_model_dir, text_file, tmp_path / "run", **{**RUN_FLAGS, "save_every": 4})]
-    monkeypatch.setattr(train_mod, "_optimizer_step", die_after_five)
+    monkeypatch.setattr(loop, "optimizer_step", die_after_five)
     with pytest.raises(Killed):
         main(argv)
     monkeypatch.undo()
@@ -246,7 +245,7 @@ def _no_space(*_args, **_kwargs):
 
 
 def test_disk_full_during_export_leaves_nothing_behind(finished_run, tmp_path, capsys, monkeypatch):
-    import dlqat.export.quantized as quantized
+    from dlqat.export import quantized
 
     monkeypatch.setattr(quantized, "save_file", _no_space)
     refused(["export", str(finished_run), "--out", str(tmp_path / "model")], capsys, "no space left",

@@ -4,8 +4,8 @@ import pytest
 from torch import nn
 
 from conftest import tiny_model
+from dlqat import DLQATConfig, prepare
 from dlqat.layers import QuantLoRALinear
-from dlqat.methods.dl_qat import DLQATConfig, prepare
 from dlqat.surgery import name_filter, replace_linears
 
 

@@ -10,11 +10,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import dlqat.train as train_mod
 from conftest import tiny_args, tiny_configs, tiny_eval_args
 from dlqat.cli import main
 from dlqat.fileio import RefusedError
 from dlqat.layers import QuantLoRALinear
+from dlqat.loop import Checkpointer
 from dlqat.run_folder import load_checkpoint
 from dlqat.train import train
 
@@ -47,14 +47,14 @@ class Killed(Exception):
 def test_killed_run_resumes_to_the_same_result(tiny_model_dir, text_file, tmp_path, monkeypatch):
     train(*tiny_configs(tiny_model_dir, text_file, tmp_path / "straight"))
 
-    real_save = train_mod._save_checkpoint
+    real_save = Checkpointer.save
 
-    def save_then_die(accelerator, model, optimizer, step, *rest):
-        real_save(accelerator, model, optimizer, step, *rest)
+    def save_then_die(self, model, optimizer, step, phase):
+        real_save(self, model, optimizer, step, phase)
         if step == 8:  # inside phase 2, with optimizer state to restore
             raise Killed
 
-    monkeypatch.setattr(train_mod, "_save_checkpoint", save_then_die)
+    monkeypatch.setattr(Checkpointer, "save", save_then_die)
     with pytest.raises(Killed):
         train(*tiny_configs(tiny_model_dir, text_file, tmp_path / "killed"))
     monkeypatch.undo()

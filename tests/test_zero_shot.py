@@ -28,9 +28,9 @@ def test_mmlu_summary_weights_by_questions():
 def test_lm_eval_runs_local_tasks_on_a_quantized_model(tiny_model_dir):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from dlqat import DLQATConfig, prepare
     from dlqat.eval.zero_shot import evaluate_tasks
     from dlqat.export import convert
-    from dlqat.methods.dl_qat import DLQATConfig, prepare
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
     prepare(model, DLQATConfig(group_size=32, rank=2))

@@ -10,41 +10,39 @@ from pathlib import Path
 
 from transformers import HfArgumentParser
 
-from dlqat.methods import METHODS, make_config
-from dlqat.methods.dl_qat import PRESETS
-from dlqat.train import TrainConfig
+from dlqat.methods import PRESETS, DLQATConfig, QuantMethodConfig, config_class, method_names
+from dlqat.train_config import TrainConfig
 
 
-def parse_train_args(argv: list[str]):
-    """``--method``/``--preset`` pick the config dataclass; its fields and TrainConfig's become flags."""
+def parse_train_args(argv: list[str]) -> tuple[QuantMethodConfig, TrainConfig]:
+    """``--method`` picks the config dataclass; its fields and TrainConfig's become flags. ``--preset``
+    sets defaults for both (a flag that contradicts the preset is refused, not silently preferred)."""
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--method", default="dl_qat")
     pre.add_argument("--preset", default=None)
     known, rest = pre.parse_known_args(argv)
-    if known.method not in METHODS:
-        raise ValueError(f"method={known.method!r}: expected one of {sorted(METHODS)}")
-    _, config_cls, fixed = METHODS[known.method]
+    config_cls = config_class(known.method)
     parser = HfArgumentParser(
         (config_cls, TrainConfig),
         prog="dlqat train",
         description="Quantization-aware low-rank fine-tuning of a causal LM.",
     )
-    parser.add_argument("--method", default="dl_qat", help=f"one of {sorted(METHODS)} (default: dl_qat)")
-    parser.add_argument("--preset", default=None, help=f"DL-QAT ablation setting, one of {sorted(PRESETS)}")
+    parser.add_argument("--method", default="dl_qat", help=f"one of {method_names()} (default: dl_qat)")
+    parser.add_argument("--preset", default=None, help=f"DL-QAT setting, one of {sorted(PRESETS)}")
     if known.preset is not None:
-        if known.preset not in PRESETS or known.method != "dl_qat":
+        if known.preset not in PRESETS or config_cls is not DLQATConfig:
             raise ValueError(f"preset={known.preset!r}: expected one of {sorted(PRESETS)} with --method dl_qat")
-        parser.set_defaults(**PRESETS[known.preset])
+        preset = PRESETS[known.preset]
         given = {arg.split("=", 1)[0].removeprefix("--").removeprefix("no_") for arg in rest if arg.startswith("--")}
-        clash = sorted(set(PRESETS[known.preset]) & given)
+        clash = sorted(set(preset) & given)
         if clash:
             raise ValueError(
-                f"--preset {known.preset} sets {', '.join(f'{k}={PRESETS[known.preset][k]!r}' for k in clash)}; "
+                f"--preset {known.preset} sets {', '.join(f'{k}={preset[k]!r}' for k in clash)}; "
                 f"--{clash[0]} contradicts or repeats it: drop the flag or the preset"
             )
+        parser.set_defaults(**preset)
     method_cfg, train_cfg, _ = parser.parse_args_into_dataclasses(args=argv)
-    values = {k: v for k, v in vars(method_cfg).items() if k not in fixed}
-    return make_config(known.method, **values), train_cfg
+    return method_cfg, train_cfg
 
 
 def _train(argv: list[str]) -> int:

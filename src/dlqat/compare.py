@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 
 from dlqat.fileio import atomic_write_json, atomic_write_text
-from dlqat.methods import METHODS
+from dlqat.methods import method_names
 
 COLUMNS = [
     "method",
@@ -97,7 +97,7 @@ def write_table(rows: list[dict], out: Path) -> str:
         writer = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
         writer.writeheader()
         writer.writerows(rows)
-    fmt = lambda v, spec: "-" if v is None else format(v, spec)  # noqa: E731
+    fmt = lambda v, spec: "-" if v is None else format(v, spec)
     lines = ["| method | W | g | perplexity | float | RTN | trainable | % | peak MB | s/step |", "|---" * 10 + "|"]
     for r in rows:
         lines.append(
@@ -153,7 +153,7 @@ def main(argv: list[str]) -> int:
         prog="dlqat compare", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument(
-        "--methods", default="rtn,gptq,lora_rtn,qa_lora,l4q,dl_qat", help=f"comma-separated, from {sorted(METHODS)}"
+        "--methods", default="rtn,gptq,lora_rtn,qa_lora,l4q,dl_qat", help=f"comma-separated, from {method_names()}"
     )
     parser.add_argument("--bits", default="4,3", help="comma-separated bit widths")
     parser.add_argument("--group_size", "--group-size", type=int, default=128)
@@ -161,9 +161,9 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--output_dir", "--output-dir", default="runs/compare")
     args, extra = parser.parse_known_args(argv)
     methods = [m for m in args.methods.split(",") if m]
-    unknown = [m for m in methods if m not in METHODS]
+    unknown = [m for m in methods if m not in method_names()]
     if unknown:
-        raise ValueError(f"methods={unknown}: expected names from {sorted(METHODS)}")
+        raise ValueError(f"methods={unknown}: expected names from {method_names()}")
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     rows = [run_one(m, int(b), args.group_size, args.steps, out, extra) for b in args.bits.split(",") for m in methods]

@@ -140,7 +140,7 @@ class FinalHidden:
         self.hidden: torch.Tensor | None = None
         self._handle = model.get_decoder().register_forward_hook(self._keep)
 
-    def _keep(self, _module: nn.Module, _args, output) -> None:  # noqa: ANN001 - hook signature
+    def _keep(self, _module: nn.Module, _args, output) -> None:
         self.hidden = output[0] if isinstance(output, tuple) else output.last_hidden_state
 
     def take(self) -> torch.Tensor:
@@ -152,3 +152,46 @@ class FinalHidden:
     def remove(self) -> None:
         self._handle.remove()
 
+
+class Objective:
+    """The loss of one micro-batch, *summed* over its predicted tokens (the loop divides by the
+    accumulated batch's token count): next-token CE, or KL to a teacher (``kd``, ``kd+ce``).
+
+    With ``kd`` the model is called for the last position's logits only; the decoder's final hidden
+    states go to ``dlqat.losses.token_losses``, which runs the output head in token chunks. Without a
+    separate ``teacher`` the teacher is the model itself under ``float_teacher`` (quantizers and
+    adapters off: the float model, at the cost of one no-grad forward and no extra weights).
+    """
+
+    def __init__(self, model: torch.nn.Module, loss: str, temperature: float, teacher=None) -> None:
+        self.loss, self.temperature, self.model, self.teacher = loss, temperature, model, teacher
+        self.hooks: list[FinalHidden] = []
+        if loss != "ce":
+            self.student = FinalHidden(model)
+            self.teacher_hidden = FinalHidden(teacher) if teacher is not None else self.student
+            self.hooks = list({id(h): h for h in (self.student, self.teacher_hidden)}.values())
+
+    def __call__(self, model: torch.nn.Module, batch: dict) -> torch.Tensor:
+        if self.loss == "ce":
+            return model(**batch).loss * shifted_targets(batch["labels"])[1].sum()
+        inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "logits_to_keep": 1}
+        with torch.no_grad():
+            if self.teacher is None:
+                with float_teacher(self.model):
+                    model(**inputs)
+            else:
+                self.teacher(**inputs)
+            teacher_hidden = self.teacher_hidden.take()
+        out = model(**inputs)
+        separate = self.teacher is not None
+        kl, ce, _ = token_losses(
+            self.student.take(), teacher_hidden, batch["labels"], self.model.get_output_embeddings(),
+            self.temperature, want_ce=self.loss == "kd+ce", softcap=logit_softcap(self.model),
+            teacher_head=self.teacher.get_output_embeddings() if separate else None,
+            teacher_softcap=logit_softcap(self.teacher) if separate else None,
+        )  # fmt: skip
+        return kl + ce + 0.0 * out.logits.sum()  # the head's output stays in the graph (wrappers' hooks)
+
+    def remove(self) -> None:
+        for hook in self.hooks:
+            hook.remove()

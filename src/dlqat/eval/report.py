@@ -13,10 +13,10 @@ TASK_COLUMNS = ["arc_challenge", "arc_easy", "boolq", "hellaswag", "openbookqa",
 
 def load_for_eval(path: str | None, rtn_bits: int | None, group_size: int):
     """(model, tokenizer, label) for a run / quantized folder / float model (optionally RTN)."""
+    from dlqat.api import finalize, prepare
     from dlqat.export import load_quantized
     from dlqat.export.formats import quantized_dir
-    from dlqat.methods import dl_qat
-    from dlqat.methods.dl_qat import DLQATConfig
+    from dlqat.methods import RTNConfig
     from dlqat.models import load_model
 
     qdir = quantized_dir(path) if path else None
@@ -30,7 +30,8 @@ def load_for_eval(path: str | None, rtn_bits: int | None, group_size: int):
     model, tokenizer = load_model(path)
     label = f"float {path or 'SmolLM2-135M'}"
     if rtn_bits is not None:
-        dl_qat.prepare(model, DLQATConfig(n_bits=rtn_bits, group_size=group_size))  # untrained = RTN
+        rtn = RTNConfig(n_bits=rtn_bits, group_size=group_size)
+        finalize(model, rtn, prepare(model, rtn))
         label = f"RTN W{rtn_bits} g{group_size}"
     return model, tokenizer, label
 
@@ -40,14 +41,14 @@ def evaluate_model(args) -> dict:
     import torch
 
     from dlqat import resources
-    from dlqat.act_quant import install_act_quant
     from dlqat.data import read_text, tokenize_text
     from dlqat.eval.perplexity import perplexity
     from dlqat.eval.zero_shot import evaluate_tasks
+    from dlqat.layers import set_act_quant
 
     model, tokenizer, label = load_for_eval(args.path, args.rtn_bits, args.group_size)
-    install_act_quant(model, args.act_bits, args.kv_bits)
-    if args.act_bits or args.kv_bits:
+    if args.act_bits or args.kv_bits:  # else a saved model keeps the activation/KV settings it was trained with
+        set_act_quant(model, args.act_bits, args.kv_bits)
         label += f" A{args.act_bits or 16}KV{args.kv_bits or 16}"
     result: dict = {"model": label}
     if not args.no_ppl:
@@ -168,3 +169,25 @@ def _plot(results: list[dict], path: Path) -> None:
         ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
+
+
+def write_results(results: dict, out: Path) -> None:
+    """``results.json`` and a Markdown table ``results.md``."""
+    atomic_write_json(out / "results.json", results)
+    s = results.get("settings", {})
+    lines = [
+        (
+            f"# Perplexity: {s.get('method')} W{s.get('n_bits')} g{s.get('group_size')}, rank {s.get('rank')}, "
+            f"{s.get('steps')} steps"
+        ),
+        "",
+        f"{results.get('eval', '')}",
+        "",
+        "| model | perplexity |",
+        "|---|---|",
+    ]
+    lines += [f"| {k} | {v:.3f} |" for k, v in results["perplexity"].items()]
+    base = results["base_params"]
+    lines += ["", f"trainable parameters (of {base:,}):"]
+    lines += [f"- {name}: {count:,} ({100 * count / base:.2f}%)" for name, count in results["trainable_params"].items()]
+    atomic_write_text(out / "results.md", "\n".join(lines) + "\n")

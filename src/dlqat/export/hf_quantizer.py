@@ -39,10 +39,10 @@ class DlqatHfQuantizer(HfQuantizer):
     def validate_environment(self, *args: Any, **kwargs: Any) -> None:
         pass
 
-    def param_needs_quantization(self, model, param_name: str, **kwargs: Any) -> bool:  # noqa: ANN001
+    def param_needs_quantization(self, model, param_name: str, **kwargs: Any) -> bool:
         return False  # every packed tensor is stored as it is used
 
-    def _process_model_before_weight_loading(self, model, **kwargs: Any):  # noqa: ANN001
+    def _process_model_before_weight_loading(self, model, **kwargs: Any):
         build_skeleton(model, self.quantization_config.layers, self.quantization_config.embedding)
         return model
 

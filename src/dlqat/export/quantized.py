@@ -3,7 +3,8 @@
 Folder layout (``save_quantized``):
     config.json, tokenizer files   the base model's (so transformers can rebuild it); only
                                    ``tie_word_embeddings`` turns false when the table is quantized
-    dlqat_quant.json               {"format": ..., "layers": {dotted_name: {"n_bits", "group_size"}},
+    dlqat_quant.json               {"format": ..., "layers": {dotted_name: {"n_bits", "group_size"
+                                    [, "act_bits", "out_bits", "out_group"]}},
                                     "embedding": {"n_bits", "group_size", "head", "dtype"} when the
                                     tied embedding/head table is quantized (``quantize_tied_embedding``):
                                     the head is then a quantized layer, the embedding reads its rows}
@@ -48,7 +49,9 @@ def convert(model: nn.Module) -> dict[str, dict]:
 
     def make(_name: str, layer: nn.Module) -> QuantizedLinear:
         q, scale, offset = layer.to_codes()
-        return QuantizedLinear.from_codes(q, scale, offset, layer.n_bits, layer.group_size, layer.bias)
+        runtime = QuantizedLinear.from_codes(q, scale, offset, layer.n_bits, layer.group_size, layer.bias)
+        runtime.set_act_quant_spec(layer.act_quant_spec())
+        return runtime
 
     def is_trained_layer(_name: str, module: nn.Module) -> bool:
         return hasattr(module, "to_codes") and not isinstance(module, QuantizedLinear)
@@ -107,9 +110,10 @@ def quantize_tied_embedding(model: PreTrainedModel, n_bits: int, group_size: int
 
 
 def quantized_layers(model: nn.Module) -> dict[str, dict]:
-    """``{name: {"n_bits", "group_size"}}`` of a converted model's ``QuantizedLinear`` layers."""
+    """``{name: {"n_bits", "group_size"[, "act_bits", "out_bits", "out_group"]}}`` of a converted
+    model's ``QuantizedLinear`` layers (activation/KV settings only where set)."""
     return {
-        n: {"n_bits": m.n_bits, "group_size": m.group_size}
+        n: {"n_bits": m.n_bits, "group_size": m.group_size, **m.act_quant_spec()}
         for n, m in model.named_modules()
         if isinstance(m, QuantizedLinear)
     }
@@ -188,10 +192,12 @@ def build_skeleton(model: PreTrainedModel, layers: dict[str, dict], embedding: d
 
     def make(name: str, linear: nn.Linear) -> QuantizedLinear:
         spec = layers[name]
-        return QuantizedLinear(
+        layer = QuantizedLinear(
             linear.in_features, linear.out_features, spec["n_bits"], spec["group_size"], linear.bias is not None,
             torch.float32, "meta",
         )  # fmt: skip
+        layer.set_act_quant_spec(spec)
+        return layer
 
     replace_linears(model, make, lambda name, module: name in layers)
     if embedding:

@@ -13,10 +13,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dlqat.layers.act_quant import ActQuant
 from dlqat.quant import dequantize, minmax_scale_offset, n_groups, quantize, resolve_group_size
 
 
-class QALoRALinear(nn.Module):
+class QALoRALinear(ActQuant, nn.Module):
     def __init__(self, linear: nn.Linear, n_bits: int, group_size: int, rank: int, alpha: float) -> None:
         super().__init__()
         out_features, in_features = linear.weight.shape
@@ -48,6 +49,9 @@ class QALoRALinear(nn.Module):
         return sums / self.group_sizes.to(x.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.quantize_output(self._linear(self.quantize_input(x)))
+
+    def _linear(self, x: torch.Tensor) -> torch.Tensor:
         w = dequantize(self.q.to(self.scale.dtype), self.scale, self.offset, self.group_size)
         bias = None if self.bias is None else self.bias.to(x.dtype)
         base = F.linear(x, w.to(x.dtype), bias)

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dlqat.layers.act_quant import ActQuant
 from dlqat.quant import (
     apply_magnitude,
     fake_quantize,
@@ -37,7 +38,7 @@ class ClipMode(str, Enum):
 INITS = ("minmax", "mse")
 
 
-class QuantLoRALinear(nn.Module):
+class QuantLoRALinear(ActQuant, nn.Module):
     """Frozen ``W0`` (shared with the source ``nn.Linear``), LoRA ``A``/``B``, ``scale``/``offset``
     per group, and DL-QAT's per-group magnitude ``m``.
 
@@ -88,7 +89,7 @@ class QuantLoRALinear(nn.Module):
             self.scale, self.offset = nn.Parameter(scale), nn.Parameter(offset)
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, **kwargs) -> "QuantLoRALinear":
+    def from_linear(cls, linear: nn.Linear, **kwargs) -> QuantLoRALinear:
         return cls(linear.weight, linear.bias, **kwargs)
 
     def _minmax(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -124,6 +125,9 @@ class QuantLoRALinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.float_forward:
             return F.linear(x, self.weight.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+        return self.quantize_output(self._linear(self.quantize_input(x)))
+
+    def _linear(self, x: torch.Tensor) -> torch.Tensor:
         if self.lean and self.quantize_enabled:
             if self.clip_mode is ClipMode.DYNAMIC:
                 with torch.no_grad():
@@ -131,18 +135,9 @@ class QuantLoRALinear(nn.Module):
             else:
                 scale, offset = self.scale, self.offset
             return lean_qlora_linear(
-                x,
-                self.weight,
-                self.lora_a,
-                self.lora_b,
-                scale,
-                offset,
-                self.magnitude,
-                self.bias,
-                self.scaling,
-                self.n_bits,
-                self.group_size,
-            )
+                x, self.weight, self.lora_a, self.lora_b, scale, offset, self.magnitude, self.bias, self.scaling,
+                self.n_bits, self.group_size,
+            )  # fmt: skip
         w = self.quantized_weight()
         bias = None if self.bias is None else self.bias.to(x.dtype)
         return F.linear(x, w.to(x.dtype), bias)

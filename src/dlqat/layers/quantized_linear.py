@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dlqat.layers.act_quant import ActQuant
 from dlqat.layers.int4_kernels import Int4Weight, int4_linear, int4_supported, to_int4_weight
 from dlqat.quant import dequantize, minmax_scale_offset, n_groups, quantize, resolve_group_size
 from dlqat.quant.bitpack import pack_codes, packed_width, unpack_codes
@@ -13,7 +14,7 @@ from dlqat.quant.bitpack import pack_codes, packed_width, unpack_codes
 BACKENDS = ("auto", "dequant", "int4")
 
 
-class QuantizedLinear(nn.Module):
+class QuantizedLinear(ActQuant, nn.Module):
     """Packed codes and per-group scale/offset as buffers; no trainable state.
 
     Buffers: ``packed`` uint8 ``(out, ceil(in/8) * n_bits)`` (layout: ``dlqat.quant.bitpack``),
@@ -64,7 +65,7 @@ class QuantizedLinear(nn.Module):
         n_bits: int,
         group_size: int,
         bias: torch.Tensor | None = None,
-    ) -> "QuantizedLinear":
+    ) -> QuantizedLinear:
         layer = cls(q.shape[1], q.shape[0], n_bits, group_size, bias is not None, scale.dtype, "meta")
         layer.packed, layer.scale, layer.offset = pack_codes(q, n_bits), scale.detach(), offset.detach()
         layer.bias = None if bias is None else bias.detach()
@@ -73,7 +74,7 @@ class QuantizedLinear(nn.Module):
     @classmethod
     def round_to_nearest(
         cls, weight: torch.Tensor, n_bits: int, group_size: int, bias: torch.Tensor | None = None
-    ) -> "QuantizedLinear":
+    ) -> QuantizedLinear:
         """RTN of ``weight`` (fp32 math; min/max groups, as DL-QAT's init) as a packed layer."""
         w = weight.detach().float()
         scale, offset = minmax_scale_offset(w, n_bits, group_size)
@@ -123,6 +124,9 @@ class QuantizedLinear(nn.Module):
         return self._int4
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.quantize_output(self._linear(self.quantize_input(x)))
+
+    def _linear(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // x.shape[-1]
         auto_int4 = x.device.type == "cpu" or rows <= self.int4_max_tokens
         if self.backend == "int4" or (self.backend == "auto" and auto_int4 and self.int4_ok()):

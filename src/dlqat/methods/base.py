@@ -1,15 +1,14 @@
 """What every method shares: its config base, training phases, and parameter bookkeeping.
 
-A method is a module with ``Config`` (a dataclass deriving ``QuantMethodConfig``), ``prepare(model,
-cfg) -> layer names``, ``phases(cfg, layer_names) -> [Phase]``, ``STARTS_AT_RTN`` (whether the
-prepared, untrained model is exactly RTN) and optionally ``finalize(model, cfg, layer_names,
-calibration)`` run after training (post-training quantization, merges).
+A method is a config dataclass deriving ``QuantMethodConfig`` plus a ``QuantMethod`` handler
+registered for it (``dlqat.methods.registry``).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from typing import Callable, ClassVar
+from typing import ClassVar
 
 from torch import nn
 
@@ -23,7 +22,7 @@ from dlqat.surgery import DEFAULT_TARGETS, name_filter, replace_linears
 class QuantMethodConfig:
     """Settings every method has."""
 
-    method: ClassVar[str] = ""
+    name: ClassVar[str] = ""  # the method's CLI name (``--method``)
     n_bits: int = field(default=4, metadata={"help": "weight bits, 2..8"})
     group_size: int = field(
         default=128,
@@ -52,7 +51,7 @@ class QuantMethodConfig:
                 raise ValueError(f"{name}={value!r}: expected a non-negative integer")
 
     def to_dict(self) -> dict:
-        return {"method": self.method, **asdict(self)}
+        return {"method": self.name, **asdict(self)}
 
 
 # Quantizer parameters: never weight-decayed (see Phase.param_groups).
@@ -114,6 +113,15 @@ def swap_in_quant_lora(
         return layer
 
     return replace_linears(model, make, name_filter(cfg.target_modules))
+
+
+def require_steps(cfg: QuantMethodConfig, *names: str) -> None:
+    """Lifecycle check: the step counts must be set before a schedule is built."""
+    for name in names:
+        if getattr(cfg, name) is None:
+            raise ValueError(
+                f"{type(cfg).__name__}.{name} is unset: give it, or let dlqat.fit / `dlqat train` fill the defaults"
+            )
 
 
 def param_of(*suffixes: str) -> Callable[[str], bool]:

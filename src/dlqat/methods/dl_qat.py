@@ -13,16 +13,17 @@ from typing import ClassVar
 from torch import nn
 
 from dlqat.layers import ClipMode
-from dlqat.methods.base import Phase, QuantMethodConfig, param_of, swap_in_quant_lora
+from dlqat.methods.base import Phase, QuantMethodConfig, param_of, require_steps, swap_in_quant_lora
+from dlqat.methods.registry import QuantMethod, register_method
 
 _CLIP_MODES = [mode.value for mode in ClipMode]
 
 
 @dataclass
 class DLQATConfig(QuantMethodConfig):
-    """DL-QAT method settings (defaults: the paper's)."""
+    """DL-QAT method settings."""
 
-    method: ClassVar[str] = "dl_qat"
+    name: ClassVar[str] = "dl_qat"
     rank: int = field(default=16, metadata={"help": "LoRA rank r"})
     alpha: float = field(default=16.0, metadata={"help": "LoRA alpha; scaling = alpha / rank"})
     use_magnitude: bool = field(default=True, metadata={"help": "train DL-QAT's per-group magnitude m"})
@@ -36,7 +37,7 @@ class DLQATConfig(QuantMethodConfig):
     )
     phase1_steps: int | None = field(
         default=None,
-        metadata={"help": "phase-1 optimizer steps (scale/offset only); default 1000 (paper), 10 for the demo"},
+        metadata={"help": "phase-1 optimizer steps (scale/offset only); default 1000, 10 for the demo"},
     )
     phase2_steps: int | None = field(
         default=None,
@@ -62,7 +63,8 @@ class DLQATConfig(QuantMethodConfig):
 
 
 # The DL-QAT ablation grid (paper, Table 3): magnitude on/off x where the clipping range comes from.
-# Our numbering; "dlqat-5" is DL-QAT itself.
+# Our numbering; "dlqat-5" is DL-QAT itself. "paper" is the published recipe as the paper states it
+# (cross-entropy, min/max init, learn-then-fix, one constant learning rate 2e-4, 5000 phase-2 steps).
 PRESETS = {
     "dlqat-1": {"use_magnitude": False, "clip_mode": "dynamic"},
     "dlqat-2": {"use_magnitude": False, "clip_mode": "learn_then_fix"},
@@ -70,28 +72,34 @@ PRESETS = {
     "dlqat-4": {"use_magnitude": True, "clip_mode": "dynamic"},
     "dlqat-5": {"use_magnitude": True, "clip_mode": "learn_then_fix"},
     "dlqat-6": {"use_magnitude": True, "clip_mode": "joint"},
-}
-STARTS_AT_RTN = True
+    "paper": {
+        "use_magnitude": True, "clip_mode": "learn_then_fix", "init": "minmax", "loss": "ce",
+        "lr": 2e-4, "quant_lr": 2e-4, "phase1_steps": 1000, "phase2_steps": 5000,
+    },
+}  # fmt: skip
 
 
-def prepare(model: nn.Module, cfg: DLQATConfig) -> list[str]:
-    """Swap the target linears for ``QuantLoRALinear`` in place; returns the replaced names."""
-    return swap_in_quant_lora(
-        model, cfg, rank=cfg.rank, alpha=cfg.alpha, use_magnitude=cfg.use_magnitude, clip_mode=cfg.clip_mode,
-        init=cfg.init,
-    )  # fmt: skip
+@register_method(DLQATConfig)
+class DLQAT(QuantMethod):
+    def prepare(self, model: nn.Module, cfg: DLQATConfig) -> list[str]:
+        return swap_in_quant_lora(
+            model, cfg, rank=cfg.rank, alpha=cfg.alpha, use_magnitude=cfg.use_magnitude, clip_mode=cfg.clip_mode,
+            init=cfg.init,
+        )  # fmt: skip
 
+    def phases(self, cfg: DLQATConfig, layer_names: list[str]) -> list[Phase]:
+        """The DL-QAT schedule, adjusted for the ablation switches."""
+        require_steps(cfg, "phase1_steps", "phase2_steps")
+        phase2 = ("lora_a", "lora_b") + (("magnitude",) if cfg.use_magnitude else ())
+        clip = ClipMode(cfg.clip_mode)
+        if clip is ClipMode.JOINT:
+            phase2 += ("scale", "offset")
+        schedule = []
+        if clip is ClipMode.LEARN_THEN_FIX and cfg.phase1_steps:
+            schedule.append(Phase("phase1: scale/offset", cfg.phase1_steps, cfg.quant_lr, param_of("scale", "offset")))
+        quant_lrs = {"scale": cfg.quant_lr, "offset": cfg.quant_lr} if clip is ClipMode.JOINT else {}
+        schedule.append(Phase("phase2: " + "/".join(phase2), cfg.phase2_steps, cfg.lr, param_of(*phase2), quant_lrs))
+        return schedule
 
-def phases(cfg: DLQATConfig, layer_names: list[str] | None = None) -> list[Phase]:
-    """The DL-QAT schedule, adjusted for the ablation switches."""
-    assert cfg.phase1_steps is not None and cfg.phase2_steps is not None, "resolve step defaults first"
-    phase2 = ("lora_a", "lora_b") + (("magnitude",) if cfg.use_magnitude else ())
-    clip = ClipMode(cfg.clip_mode)
-    if clip is ClipMode.JOINT:
-        phase2 += ("scale", "offset")
-    schedule = []
-    if clip is not ClipMode.DYNAMIC and cfg.phase1_steps:
-        schedule.append(Phase("phase1: scale/offset", cfg.phase1_steps, cfg.quant_lr, param_of("scale", "offset")))
-    quant_lrs = {"scale": cfg.quant_lr, "offset": cfg.quant_lr} if clip is ClipMode.JOINT else {}
-    schedule.append(Phase("phase2: " + "/".join(phase2), cfg.phase2_steps, cfg.lr, param_of(*phase2), quant_lrs))
-    return schedule
+    def starts_at(self, cfg: DLQATConfig) -> str:
+        return "rtn" if cfg.init == "minmax" else f"rtn-{cfg.init}"

@@ -11,16 +11,15 @@ from typing import ClassVar
 from torch import nn
 
 from dlqat.layers import ClipMode
-from dlqat.methods.base import Phase, QuantMethodConfig, param_of, swap_in_quant_lora
-
-STARTS_AT_RTN = True
+from dlqat.methods.base import Phase, QuantMethodConfig, param_of, require_steps, swap_in_quant_lora
+from dlqat.methods.registry import QuantMethod, register_method
 
 
 @dataclass
 class L4QConfig(QuantMethodConfig):
     """L4Q settings."""
 
-    method: ClassVar[str] = "l4q"
+    name: ClassVar[str] = "l4q"
     rank: int = field(default=16, metadata={"help": "LoRA rank r"})
     alpha: float = field(default=16.0, metadata={"help": "LoRA alpha; scaling = alpha / rank"})
     init: str = field(
@@ -32,19 +31,18 @@ class L4QConfig(QuantMethodConfig):
     quant_lr: float = field(default=1e-4, metadata={"help": "learning rate of scale, offset"})
 
 
-def prepare(model: nn.Module, cfg: L4QConfig) -> list[str]:
-    return swap_in_quant_lora(
-        model, cfg, rank=cfg.rank, alpha=cfg.alpha, use_magnitude=False, clip_mode=ClipMode.JOINT, init=cfg.init
-    )
-
-
-def phases(cfg: L4QConfig, layer_names: list[str] | None = None) -> list[Phase]:
-    return [
-        Phase(
-            "l4q: lora_a/lora_b/scale/offset",
-            cfg.steps,
-            cfg.lr,
-            param_of("lora_a", "lora_b", "scale", "offset"),
-            {"scale": cfg.quant_lr, "offset": cfg.quant_lr},
+@register_method(L4QConfig)
+class L4Q(QuantMethod):
+    def prepare(self, model: nn.Module, cfg: L4QConfig) -> list[str]:
+        return swap_in_quant_lora(
+            model, cfg, rank=cfg.rank, alpha=cfg.alpha, use_magnitude=False, clip_mode=ClipMode.JOINT, init=cfg.init
         )
-    ]
+
+    def phases(self, cfg: L4QConfig, layer_names: list[str]) -> list[Phase]:
+        require_steps(cfg, "steps")
+        trains = param_of("lora_a", "lora_b", "scale", "offset")
+        quant_lrs = {"scale": cfg.quant_lr, "offset": cfg.quant_lr}
+        return [Phase("l4q: lora_a/lora_b/scale/offset", cfg.steps, cfg.lr, trains, quant_lrs)]
+
+    def starts_at(self, cfg: L4QConfig) -> str:
+        return "rtn" if cfg.init == "minmax" else f"rtn-{cfg.init}"

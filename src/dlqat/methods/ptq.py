@@ -16,26 +16,25 @@ import torch
 from torch import nn
 
 from dlqat.layers import ClipMode, QuantizedLinear, QuantLoRALinear
-from dlqat.methods.base import Phase, QuantMethodConfig, param_of, swap_in_quant_lora
+from dlqat.methods.base import Phase, QuantMethodConfig, param_of, require_steps, swap_in_quant_lora
 from dlqat.methods.calibration import collect_hessians, quantize_block_by_block
+from dlqat.methods.registry import QuantMethod, register_method
 from dlqat.quant.gptq import gptq_quantize
 from dlqat.surgery import name_filter, replace_linears
 
-STARTS_AT_RTN = False
-_ALGOS = ("rtn", "gptq")
+
+@dataclass
+class RTNConfig(QuantMethodConfig):
+    """Round-to-nearest with min/max groups: trains nothing."""
+
+    name: ClassVar[str] = "rtn"
 
 
 @dataclass
-class PTQConfig(QuantMethodConfig):
-    """Post-training quantization settings (``lora_*``: float LoRA first)."""
+class GPTQConfig(QuantMethodConfig):
+    """GPTQ (Frantar et al., 2023) on calibration examples from the training data."""
 
-    method: ClassVar[str] = "gptq"
-    algorithm: str = field(default="gptq", metadata={"help": "rtn or gptq"})
-    lora_first: bool = field(default=False, metadata={"help": "fine-tune a float LoRA first, merge, then quantize"})
-    rank: int = field(default=16, metadata={"help": "LoRA rank (lora_first)"})
-    alpha: float = field(default=16.0, metadata={"help": "LoRA alpha (lora_first)"})
-    steps: int | None = field(default=None, metadata={"help": "LoRA steps (lora_first); default 2000 (40 demo)"})
-    lr: float = field(default=2e-4, metadata={"help": "LoRA learning rate (lora_first)"})
+    name: ClassVar[str] = "gptq"
     calib_samples: int = field(default=128, metadata={"help": "GPTQ calibration examples (from the training data)"})
     damp: float = field(default=0.01, metadata={"help": "GPTQ dampening, fraction of the mean Hessian diagonal"})
     sequential: bool = field(
@@ -45,30 +44,90 @@ class PTQConfig(QuantMethodConfig):
         },
     )
 
-    def __post_init__(self) -> None:
-        if self.algorithm not in _ALGOS:
-            raise ValueError(f"algorithm={self.algorithm!r}: expected one of {_ALGOS}")
-        super().__post_init__()
+
+@dataclass
+class FloatLoRAFields:
+    """The float LoRA fine-tune that ``lora_rtn`` / ``lora_gptq`` run before quantizing."""
+
+    rank: int = field(default=16, metadata={"help": "LoRA rank"})
+    alpha: float = field(default=16.0, metadata={"help": "LoRA alpha"})
+    steps: int | None = field(default=None, metadata={"help": "LoRA steps; default 2000 (40 demo)"})
+    lr: float = field(default=2e-4, metadata={"help": "LoRA learning rate"})
 
 
-def prepare(model: nn.Module, cfg: PTQConfig) -> list[str]:
-    """Float LoRA layers when ``lora_first`` (quantizer off); otherwise just find the targets."""
-    if cfg.lora_first:
-        return swap_in_quant_lora(
-            model, cfg, rank=cfg.rank, alpha=cfg.alpha, use_magnitude=False, clip_mode=ClipMode.DYNAMIC,
-            quantize_enabled=False,
-        )  # fmt: skip
-    should = name_filter(cfg.target_modules)
-    names = [n for n, m in model.named_modules() if n and should(n, m)]
-    if not names:
-        raise ValueError("no linear layer matched the target filter")
-    return names
+@dataclass
+class LoRARTNConfig(RTNConfig, FloatLoRAFields):
+    """Float LoRA fine-tune, merge, then RTN (the two-step pipeline)."""
+
+    name: ClassVar[str] = "lora_rtn"
 
 
-def phases(cfg: PTQConfig, layer_names: list[str] | None = None) -> list[Phase]:
-    if not cfg.lora_first:
-        return []
-    return [Phase("float lora: lora_a/lora_b", cfg.steps, cfg.lr, param_of("lora_a", "lora_b"))]
+@dataclass
+class LoRAGPTQConfig(GPTQConfig, FloatLoRAFields):
+    """Float LoRA fine-tune, merge, then GPTQ."""
+
+    name: ClassVar[str] = "lora_gptq"
+
+
+class RTN(QuantMethod):
+    """RTN, and the base of the other post-training methods: float LoRA first when the config has one."""
+
+    def prepare(self, model: nn.Module, cfg: QuantMethodConfig) -> list[str]:
+        """Float LoRA layers (quantizer off) for the ``lora_*`` configs; otherwise just find the targets."""
+        if isinstance(cfg, FloatLoRAFields):
+            return swap_in_quant_lora(
+                model, cfg, rank=cfg.rank, alpha=cfg.alpha, use_magnitude=False, clip_mode=ClipMode.DYNAMIC,
+                quantize_enabled=False,
+            )  # fmt: skip
+        should = name_filter(cfg.target_modules)
+        names = [n for n, m in model.named_modules() if n and should(n, m)]
+        if not names:
+            raise ValueError("no linear layer matched the target filter")
+        return names
+
+    def phases(self, cfg: QuantMethodConfig, layer_names: list[str]) -> list[Phase]:
+        if not isinstance(cfg, FloatLoRAFields):
+            return []
+        require_steps(cfg, "steps")
+        return [Phase("float lora: lora_a/lora_b", cfg.steps, cfg.lr, param_of("lora_a", "lora_b"))]
+
+    def starts_at(self, cfg: QuantMethodConfig) -> None:
+        return None  # the model is float until finalize
+
+    def finalize(self, model: nn.Module, cfg: QuantMethodConfig, layer_names: list[str], calibration) -> None:
+        """Merge a float LoRA if any, then replace the target linears by ``QuantizedLinear``s."""
+        if isinstance(cfg, FloatLoRAFields):
+            _merge_lora(model)
+        self.quantize(model, cfg, layer_names, calibration)
+
+    def quantize(self, model: nn.Module, cfg: QuantMethodConfig, layer_names: list[str], calibration) -> None:
+        def rtn(_name: str, linear: nn.Linear) -> QuantizedLinear:
+            return QuantizedLinear.round_to_nearest(linear.weight, cfg.n_bits, cfg.group_size, linear.bias)
+
+        wanted = set(layer_names)
+        replace_linears(model, rtn, lambda n, _m: n in wanted)
+
+
+class GPTQ(RTN):
+    def quantize(self, model: nn.Module, cfg: GPTQConfig, layer_names: list[str], calibration) -> None:
+        def gptq_layers(names: list[str], hessians: dict[str, torch.Tensor]) -> None:
+            def make(name: str, linear: nn.Linear) -> QuantizedLinear:
+                w = linear.weight.detach().float()
+                q, scale, offset = gptq_quantize(w, hessians.pop(name), cfg.n_bits, cfg.group_size, cfg.damp)
+                return QuantizedLinear.from_codes(q, scale, offset, cfg.n_bits, cfg.group_size, linear.bias)
+
+            wanted = set(names)
+            replace_linears(model, make, lambda n, _m: n in wanted)
+
+        batches = calibration[: cfg.calib_samples]
+        if cfg.sequential:
+            quantize_block_by_block(model, layer_names, batches, gptq_layers)
+        else:
+            gptq_layers(layer_names, collect_hessians(model, layer_names, batches))
+
+
+for _config, _handler in ((RTNConfig, RTN), (LoRARTNConfig, RTN), (GPTQConfig, GPTQ), (LoRAGPTQConfig, GPTQ)):
+    register_method(_config)(_handler)
 
 
 def _merge_lora(model: nn.Module) -> None:
@@ -79,30 +138,3 @@ def _merge_lora(model: nn.Module) -> None:
         return linear
 
     replace_linears(model, make, lambda _n, m: isinstance(m, QuantLoRALinear))
-
-
-def finalize(model: nn.Module, cfg: PTQConfig, layer_names: list[str], calibration: list[torch.Tensor]) -> None:
-    """Merge a float LoRA if any, then replace the target linears by RTN or GPTQ ``QuantizedLinear``s."""
-    if cfg.lora_first:
-        _merge_lora(model)
-
-    def rtn(name: str, linear: nn.Linear) -> QuantizedLinear:
-        return QuantizedLinear.round_to_nearest(linear.weight, cfg.n_bits, cfg.group_size, linear.bias)
-
-    def gptq_layers(names: list[str], hessians: dict[str, torch.Tensor]) -> None:
-        def make(name: str, linear: nn.Linear) -> QuantizedLinear:
-            w = linear.weight.detach().float()
-            q, scale, offset = gptq_quantize(w, hessians.pop(name), cfg.n_bits, cfg.group_size, cfg.damp)
-            return QuantizedLinear.from_codes(q, scale, offset, cfg.n_bits, cfg.group_size, linear.bias)
-
-        wanted = set(names)
-        replace_linears(model, make, lambda n, _m: n in wanted)
-
-    batches = calibration[: cfg.calib_samples]
-    if cfg.algorithm == "rtn":
-        wanted = set(layer_names)
-        replace_linears(model, rtn, lambda n, _m: n in wanted)
-    elif cfg.sequential:
-        quantize_block_by_block(model, layer_names, batches, gptq_layers)
-    else:
-        gptq_layers(layer_names, collect_hessians(model, layer_names, batches))

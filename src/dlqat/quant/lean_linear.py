@@ -128,14 +128,14 @@ class _LeanQLoRALinear(torch.autograd.Function):
         return F.linear(x, w.to(x.dtype), None if bias is None else bias.to(x.dtype))
 
     @staticmethod
-    def setup_context(ctx, inputs, output):  # noqa: ANN001
+    def setup_context(ctx, inputs, output):
         x, weight, lora_a, lora_b, scale, offset, magnitude, bias, scaling, n_bits, group_size, _ = inputs
         ctx.save_for_backward(x, weight, lora_a, lora_b, scale, offset, magnitude)
         ctx.has_bias = bias is not None
         ctx.scaling, ctx.n_bits, ctx.group_size = scaling, n_bits, group_size
 
     @staticmethod
-    def backward(ctx, grad_y):  # noqa: ANN001
+    def backward(ctx, grad_y):
         x, weight, lora_a, lora_b, scale, offset, magnitude = ctx.saved_tensors
         need = ctx.needs_input_grad
         grad_x = grad_bias = d_a = d_b = None

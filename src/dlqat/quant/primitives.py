@@ -42,11 +42,11 @@ class _RoundSTE(torch.autograd.Function):
         return torch.round(x)
 
     @staticmethod
-    def setup_context(ctx, inputs, output) -> None:  # noqa: ANN001 - autograd signature
+    def setup_context(ctx, inputs, output) -> None:
         pass
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:  # noqa: ANN001
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
         return grad
 
 

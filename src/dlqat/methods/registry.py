@@ -1,0 +1,91 @@
+"""How a method plugs in: a ``QuantMethod`` handler registered for its config class.
+
+As torchao's ``register_quantize_module_handler``: the config *is* the handle. ``dlqat.prepare(model,
+DLQATConfig(...))`` looks up the handler of the config's class (or of a base class), so adding a
+method means writing a config dataclass and a handler, and decorating the handler:
+
+    @register_method(MyConfig)
+    class MyMethod(QuantMethod):
+        def prepare(self, model, cfg): ...          # swap layers in, return their names
+        def phases(self, cfg, layer_names): ...     # what trains, how long, at which learning rate
+
+``finalize`` (post-training steps such as GPTQ) and ``starts_at`` (which named PTQ result the prepared,
+untrained model equals, evaluated as a reference row) have defaults.
+"""
+
+from __future__ import annotations
+
+from typing import TypeVar
+
+import torch
+from torch import nn
+
+from dlqat.methods.base import Phase, QuantMethodConfig
+
+
+class QuantMethod:
+    """A method's lifecycle steps. Subclass, implement ``prepare`` (and ``phases`` if it trains), register."""
+
+    def prepare(self, model: nn.Module, cfg: QuantMethodConfig) -> list[str]:
+        """Swap the method's layers into ``model`` in place; returns the replaced layers' dotted names."""
+        raise NotImplementedError
+
+    def phases(self, cfg: QuantMethodConfig, layer_names: list[str]) -> list[Phase]:
+        """The training schedule (empty for post-training methods)."""
+        return []
+
+    def finalize(
+        self, model: nn.Module, cfg: QuantMethodConfig, layer_names: list[str], calibration: list[torch.Tensor]
+    ) -> None:
+        """Post-training work on the trained model (e.g. GPTQ on calibration batches); default: none."""
+
+    def starts_at(self, cfg: QuantMethodConfig) -> str | None:
+        """The named PTQ result the prepared, untrained model computes exactly (``"rtn"``), or None."""
+        return "rtn"
+
+
+_HANDLERS: dict[type, QuantMethod] = {}
+H = TypeVar("H", bound=type)
+
+
+def register_method(config_cls: type):
+    """Class decorator: make ``handler_cls()`` the handler of ``config_cls`` (and of its subclasses
+    without a handler of their own). ``config_cls.name`` is the method's CLI name."""
+    if not (isinstance(config_cls, type) and issubclass(config_cls, QuantMethodConfig)):
+        raise TypeError(f"register_method({config_cls!r}): expected a QuantMethodConfig subclass")
+
+    def wrap(handler_cls: H) -> H:
+        taken = {cls.name: cls for cls in _HANDLERS if cls is not config_cls}
+        if config_cls.name in taken:
+            raise ValueError(f"method name {config_cls.name!r} is taken by {taken[config_cls.name].__name__}")
+        _HANDLERS[config_cls] = handler_cls()
+        return handler_cls
+
+    return wrap
+
+
+def handler(cfg: QuantMethodConfig) -> QuantMethod:
+    """The handler registered for ``cfg``'s class (or its nearest registered base class)."""
+    for cls in type(cfg).__mro__:
+        if cls in _HANDLERS:
+            return _HANDLERS[cls]
+    raise TypeError(
+        f"{type(cfg).__name__} has no registered method: decorate a QuantMethod with @register_method"
+        f"({type(cfg).__name__}), or pass one of {', '.join(sorted(method_names()))}"
+    )
+
+
+def method_configs() -> dict[str, type]:
+    """CLI name -> config class, for every registered method."""
+    return {cls.name: cls for cls in _HANDLERS}
+
+
+def method_names() -> list[str]:
+    return sorted(method_configs())
+
+
+def config_class(name: str) -> type:
+    configs = method_configs()
+    if name not in configs:
+        raise ValueError(f"method={name!r}: expected one of {sorted(configs)}")
+    return configs[name]
