@@ -123,7 +123,7 @@ def test_presets_and_method_flags():
     assert isinstance(cfg, GPTQConfig) and isinstance(cfg, FloatLoRAFields) and cfg.steps == 3
     assert cfg.to_dict()["method"] == "lora_gptq"  # recorded under its own name (a PTQConfig was always "gptq")
     cfg, train_cfg = parse_train_args(["--preset", "paper"])
-    assert (cfg.lr, cfg.quant_lr, cfg.phase2_steps, train_cfg.loss) == (2e-4, 2e-4, 5000, "ce")
+    assert (cfg.lr, cfg.quant_lr, cfg.init, train_cfg.loss) == (2e-4, 2e-4, "minmax", "ce")
     with pytest.raises(ValueError, match="preset='dlqat-9'"):
         parse_train_args(["--preset", "dlqat-9"])
     with pytest.raises(ValueError, match="method='nope'"):
@@ -268,3 +268,23 @@ def test_gptq_sequential_differs_from_one_float_pass_after_the_first_block():
     assert torch.equal(model.get_submodule(first).codes(), flat.get_submodule(first).codes())
     last = "model.layers.1.mlp.down_proj"
     assert not torch.equal(model.get_submodule(last).codes(), flat.get_submodule(last).codes())
+
+
+def test_compare_draws_learning_curves_on_every_text(tiny_model_dir, text_file, tmp_path, capsys):
+    """--steps 2,4: each method trains once for 4 steps, evaluated at 2 and 4 on both texts; RTN is flat."""
+    other = tmp_path / "other.txt"
+    other.write_text(text_file.read_text()[::-1])
+    out = tmp_path / "curves"
+    argv = ["compare", "--methods", "rtn,l4q,dl_qat:paper", "--bits", "3", "--group_size", "32", "--steps", "2,4",
+            "--output_dir", str(out), "--model", str(tiny_model_dir), "--data", str(text_file), "--eval_data",
+            str(text_file), "--curve_eval_data", str(other), "--seq_len", "32", "--grad_accum", "1", "--eval_seq_len",
+            "32", "--eval_max_windows", "2", "--no_progress"]  # fmt: skip
+    assert main(argv) == 0
+    curve = [json.loads(line) for line in (out / "l4q-w3g32" / "curve.jsonl").read_text().splitlines()]
+    assert [(r["step"], r["text"]) for r in curve] == [(2, "train.txt"), (2, "other.txt"), (4, "train.txt"),
+                                                        (4, "other.txt")]  # fmt: skip
+    text = (out / "curves.md").read_text()
+    assert "Held-out text: other.txt" in text and "| dl_qat:paper | 3 | 32 |" in text
+    rtn_row = next(line for line in text.splitlines() if line.startswith("| rtn |"))
+    assert rtn_row.split("|")[4] == rtn_row.split("|")[5]  # flat: no training
+    assert (out / "curves.png").stat().st_size > 0

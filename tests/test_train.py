@@ -149,3 +149,19 @@ def test_compile_gives_the_same_training(tiny_model_dir, text_file, tmp_path):
         for r in ("eager", "compiled")
     ]
     assert losses[1] == pytest.approx(losses[0], rel=1e-5)
+
+
+def test_eval_at_writes_a_curve_on_every_text(tiny_model_dir, text_file, tmp_path):
+    """One run's intermediate evaluations (the fake-quantized model at those steps) on each held-out text."""
+    other = tmp_path / "other.txt"
+    other.write_text(text_file.read_text()[::-1])
+    method, cfg = tiny_configs(tiny_model_dir, text_file, tmp_path / "run", eval_at="2,5,15", curve_eval_data=str(other),
+                               eval_max_windows=2)  # fmt: skip
+    results = train(method, cfg)
+    rows = [json.loads(line) for line in (tmp_path / "run" / "curve.jsonl").read_text().splitlines()]
+    assert [(r["step"], r["text"]) for r in rows] == [(s, t) for s in (2, 5, 15) for t in ("train.txt", "other.txt")]
+    by_text = results["perplexity_by_text"]
+    assert set(by_text) == {"train.txt", "other.txt"} and set(by_text["other.txt"]) == {"float", "rtn", "dl_qat"}
+    assert by_text["train.txt"]["dl_qat"] == results["perplexity"]["dl_qat"]
+    # the last curve point is the trained model before conversion: the export computes the same
+    assert rows[-1]["perplexity"] == pytest.approx(by_text["other.txt"]["dl_qat"], rel=1e-6)

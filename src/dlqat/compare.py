@@ -1,8 +1,16 @@
 """``dlqat compare``: several methods, same model, data, steps, seed and evaluation; one table.
 
 Each run is a separate ``dlqat train`` process (so peak memory is that run's own), written to
-``OUT/METHOD-wBITSgGROUP``; finished runs are reused when the comparison is run again. The table goes
-to ``OUT/comparison.{md,csv}`` and a bar chart of perplexity to ``OUT/comparison.png``.
+``OUT/METHOD-wBITSgGROUP``; finished runs are reused when the comparison is run again, killed ones
+resume. The table goes to ``OUT/comparison.{md,csv}`` and a bar chart of perplexity to
+``OUT/comparison.png``. A method may name a DL-QAT preset: ``dl_qat:paper``.
+
+Learning curves: ``--steps 40,120,400`` trains each method once for the largest budget and evaluates
+it at each listed step (``--eval_at``), on ``--eval_data`` and every ``--curve_eval_data`` text:
+``OUT/curves.{md,png}``, perplexity against optimizer steps, one line per method. With a constant
+learning rate and a fixed data order, the model at step 40 of that run is the model a 40-step run
+ends with (DL-QAT's phase 1 is fixed at a fifth of the *first* point, so every point has the same
+phase 1).
 """
 
 from __future__ import annotations
@@ -15,6 +23,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from dlqat.eval.tables import bar_axes, figure, line_plot, markdown_table
 from dlqat.fileio import atomic_write_json, atomic_write_text
 from dlqat.methods import method_names
 
@@ -32,36 +41,32 @@ COLUMNS = [
 ]
 
 
-def steps_flags(method: str, steps: int) -> list[str]:
-    """Same optimizer-step budget for every trained method (DL-QAT: 1/5 in phase 1, the rest in phase 2)."""
-    if method in ("rtn", "gptq"):
+def steps_flags(method: str, steps: list[int]) -> list[str]:
+    """Same optimizer-step budget for every trained method (DL-QAT: a fifth of the first point in phase 1)."""
+    name = method.split(":")[0]
+    if name in ("rtn", "gptq"):
         return []
-    if method == "dl_qat":
-        phase1 = steps // 5
-        return ["--phase1_steps", str(phase1), "--phase2_steps", str(steps - phase1)]
-    return ["--steps", str(steps)]
+    curve = ["--eval_at", ",".join(map(str, steps))] if len(steps) > 1 else []
+    if name == "dl_qat":
+        phase1 = steps[0] // 5
+        return ["--phase1_steps", str(phase1), "--phase2_steps", str(steps[-1] - phase1), *curve]
+    return ["--steps", str(steps[-1]), *curve]
 
 
-def run_one(method: str, bits: int, group: int, steps: int, out: Path, extra: list[str]) -> dict:
-    run_dir = out / f"{method}-w{bits}g{group}"
+def method_flags(method: str) -> list[str]:
+    name, _, preset = method.partition(":")
+    return ["--method", name, *(["--preset", preset] if preset else [])]
+
+
+def run_one(method: str, bits: int, group: int, steps: list[int], out: Path, extra: list[str]) -> dict:
+    run_dir = out / f"{method.replace(':', '-')}-w{bits}g{group}"
     results_file = run_dir / "results.json"
     if not results_file.is_file():
+        resume = ["--resume"] if (run_dir / "checkpoint.pt").is_file() else []
         argv = [
-            sys.executable,
-            "-m",
-            "dlqat",
-            "train",
-            "--method",
-            method,
-            "--n_bits",
-            str(bits),
-            "--group_size",
-            str(group),
-            "--output_dir",
-            str(run_dir),
-            *steps_flags(method, steps),
-            *extra,
-        ]
+            sys.executable, "-m", "dlqat", "train", *method_flags(method), "--n_bits", str(bits), "--group_size",
+            str(group), "--output_dir", str(run_dir), *steps_flags(method, steps), *extra, *resume,
+        ]  # fmt: skip
         print(f"\n=== {method} W{bits} g{group}: {' '.join(argv[3:])}", flush=True)
         child = subprocess.Popen(argv)
         _, status, usage = os.wait4(child.pid, 0)
@@ -77,11 +82,13 @@ def run_one(method: str, bits: int, group: int, steps: int, out: Path, extra: li
     data = json.loads(results_file.read_text())
     ppl = data["perplexity"]
     trainable = max(data["trainable_params"].values(), default=0)
+    curve = [json.loads(line) for line in (run_dir / "curve.jsonl").read_text().splitlines()] if (
+        run_dir / "curve.jsonl").is_file() else []  # fmt: skip
     return {
         "method": method,
         "bits": bits,
         "group": group,
-        "perplexity": ppl[method],
+        "perplexity": ppl[method.split(":")[0]],
         "float": ppl.get("float"),
         "rtn": ppl.get("rtn"),
         "trainable_params": trainable,
@@ -89,7 +96,53 @@ def run_one(method: str, bits: int, group: int, steps: int, out: Path, extra: li
         "peak_memory_mb": data.get("peak_memory_mb"),
         "seconds_per_step": data.get("seconds_per_step"),
         "eval": data.get("eval"),
+        "by_text": data.get("perplexity_by_text", {}),
+        "curve": curve,
     }
+
+
+def curve_points(row: dict, steps: list[int]) -> dict[str, dict[int, float]]:
+    """text -> step -> perplexity; a method that does not train is flat at its one value."""
+    method = row["method"].split(":")[0]
+    if row["curve"]:
+        points: dict[str, dict[int, float]] = {}
+        for r in row["curve"]:
+            points.setdefault(r["text"], {})[r["step"]] = r["perplexity"]
+        return points
+    return {text: dict.fromkeys(steps, values[method]) for text, values in row["by_text"].items()}
+
+
+def write_curves(rows: list[dict], steps: list[int], out: Path) -> str:
+    """Markdown: one table per text, a row per (method, setting), a column per step, float last."""
+    texts = list(dict.fromkeys(t for r in rows for t in r["by_text"]))
+    parts = []
+    for text in texts:
+        head = ["method", "W", "g", *(f"{s} steps" for s in steps), "float"]
+        body = []
+        for r in rows:
+            points = curve_points(r, steps).get(text, {})
+            ref = r["by_text"].get(text, {}).get("float")
+            cells = [f"{points[s]:.2f} ({points[s] / ref:.2f}x)" if s in points and ref else "-" for s in steps]
+            body.append([r["method"], r["bits"], r["group"], *cells, f"{ref:.2f}" if ref else "-"])
+        parts.append(f"Held-out text: {text} (perplexity, ratio to float)\n\n" + markdown_table(head, body))
+    text = "\n\n".join(parts) + "\n"
+    atomic_write_text(out / "curves.md", text)
+    return text
+
+
+def plot_curves(rows: list[dict], steps: list[int], out: Path) -> Path | None:
+    texts = list(dict.fromkeys(t for r in rows for t in r["by_text"]))
+    settings = sorted({(r["bits"], r["group"]) for r in rows}, reverse=True)
+    panels = [(b, g, t) for b, g in settings for t in texts]
+    series = []
+    for bits, group, text in panels:
+        lines = {}
+        for r in (r for r in rows if (r["bits"], r["group"]) == (bits, group)):
+            points = curve_points(r, steps).get(text, {})
+            lines[r["method"]] = ([s for s in steps if s in points], [points[s] for s in steps if s in points])
+        ref = next((r["by_text"][text].get("float") for r in rows if text in r["by_text"]), None)
+        series.append((f"W{bits} g{group}, {text}", lines, ref))
+    return line_plot(series, "optimizer steps", "held-out perplexity (log)", out / "curves.png")
 
 
 def write_table(rows: list[dict], out: Path) -> str:
@@ -97,55 +150,38 @@ def write_table(rows: list[dict], out: Path) -> str:
         writer = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
         writer.writeheader()
         writer.writerows(rows)
-    fmt = lambda v, spec: "-" if v is None else format(v, spec)
-    lines = ["| method | W | g | perplexity | float | RTN | trainable | % | peak MB | s/step |", "|---" * 10 + "|"]
-    for r in rows:
-        lines.append(
-            f"| {r['method']} | {r['bits']} | {r['group']} | {r['perplexity']:.3f} | {fmt(r['float'], '.3f')} "
-            f"| {fmt(r['rtn'], '.3f')} | {r['trainable_params']:,} | {r['trainable_pct']:.2f} | "
-            f"{fmt(r['peak_memory_mb'], '.0f')} | {fmt(r['seconds_per_step'], '.2f')} |"
-        )
+    fmt = lambda v, spec: "-" if v is None else format(v, spec)  # noqa: E731
+    head = ["method", "W", "g", "perplexity", "float", "RTN", "trainable", "%", "peak MB", "s/step"]
+    body = [
+        [r["method"], r["bits"], r["group"], f"{r['perplexity']:.3f}", fmt(r["float"], ".3f"), fmt(r["rtn"], ".3f"),
+         f"{r['trainable_params']:,}", f"{r['trainable_pct']:.2f}", fmt(r["peak_memory_mb"], ".0f"),
+         fmt(r["seconds_per_step"], ".2f")]
+        for r in rows
+    ]  # fmt: skip
+    table = markdown_table(head, body)
     if rows and rows[0].get("eval"):
-        lines += ["", f"Perplexity: {rows[0]['eval']}."]
-    table = "\n".join(lines) + "\n"
+        table += f"\n\nPerplexity: {rows[0]['eval']}."
+    table += "\n"
     atomic_write_text(out / "comparison.md", table)
     return table
 
 
 def plot(rows: list[dict], out: Path) -> Path | None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib not installed: no plot (pip install matplotlib)")
-        return None
     settings = sorted({(r["bits"], r["group"]) for r in rows})
     methods = list(dict.fromkeys(r["method"] for r in rows))
-    fig, ax = plt.subplots(figsize=(1.2 + 1.1 * len(methods) * len(settings), 4))
-    width = 0.8 / len(settings)
-    for i, (bits, group) in enumerate(settings):
-        vals = [
-            next(
-                (r["perplexity"] for r in rows if (r["method"], r["bits"], r["group"]) == (m, bits, group)),
-                float("nan"),
-            )
-            for m in methods
-        ]
-        bars = ax.bar([j + i * width for j in range(len(methods))], vals, width, label=f"W{bits} g{group}")
-        ax.bar_label(bars, fmt="%.1f", fontsize=7)
+    value = {(r["method"], r["bits"], r["group"]): r["perplexity"] for r in rows}
+    groups = {f"W{b} g{g}": [value.get((m, b, g), float("nan")) for m in methods] for b, g in settings}
     floats = [r["float"] for r in rows if r.get("float")]
-    if floats:
-        ax.axhline(floats[0], color="gray", linestyle="--", linewidth=1, label="float")
-    ax.set_xticks([j + width * (len(settings) - 1) / 2 for j in range(len(methods))], methods, rotation=20)
-    ax.set_ylabel("held-out perplexity (lower is better)")
-    ax.set_yscale("log")
-    ax.legend()
-    fig.tight_layout()
-    path = out / "comparison.png"
-    fig.savefig(path, dpi=120)
-    return path
+
+    def draw(axes):
+        ax = axes[0]
+        bar_axes(ax, methods, groups, value_labels=True)
+        if floats:
+            ax.axhline(floats[0], color="gray", linestyle="--", linewidth=1, label="float")
+        ax.set(ylabel="held-out perplexity (lower is better)", yscale="log")
+        ax.legend()
+
+    return figure(1, 1.2 + 1.1 * len(methods) * len(settings), out / "comparison.png", draw)
 
 
 def main(argv: list[str]) -> int:
@@ -157,17 +193,26 @@ def main(argv: list[str]) -> int:
     )
     parser.add_argument("--bits", default="4,3", help="comma-separated bit widths")
     parser.add_argument("--group_size", "--group-size", type=int, default=128)
-    parser.add_argument("--steps", type=int, default=100, help="optimizer steps per trained method")
+    parser.add_argument(
+        "--steps", default="100", help="optimizer steps per trained method; a list (40,120,400) draws learning curves"
+    )
     parser.add_argument("--output_dir", "--output-dir", default="runs/compare")
     args, extra = parser.parse_known_args(argv)
     methods = [m for m in args.methods.split(",") if m]
-    unknown = [m for m in methods if m not in method_names()]
+    unknown = [m for m in methods if m.split(":")[0] not in method_names()]
     if unknown:
         raise ValueError(f"methods={unknown}: expected names from {method_names()}")
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    rows = [run_one(m, int(b), args.group_size, args.steps, out, extra) for b in args.bits.split(",") for m in methods]
+    try:
+        steps = sorted({int(s) for s in args.steps.split(",") if s})
+    except ValueError as err:
+        raise ValueError(f"--steps={args.steps!r}: expected comma-separated positive integers") from err
+    rows = [run_one(m, int(b), args.group_size, steps, out, extra) for b in args.bits.split(",") for m in methods]
     print("\n" + write_table(rows, out))
     png = plot(rows, out)
     print(f"table: {out / 'comparison.md'}, {out / 'comparison.csv'}" + (f"; plot: {png}" if png else ""))
+    if len(steps) > 1:
+        print("\n" + write_curves(rows, steps, out))
+        print(f"curves: {out / 'curves.md'}; plot: {plot_curves(rows, steps, out)}")
     return 0

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -74,8 +74,10 @@ def run_phases(
     checkpointer: Checkpointer,
     log_path: Path,
     resume_state: dict | None = None,
+    after_step: Callable[[torch.nn.Module, int], None] | None = None,
 ) -> tuple[torch.nn.Module, list[float]]:
-    """Train every phase from optimizer step ``step`` on; returns the (wrapped) model and step times."""
+    """Train every phase from optimizer step ``step`` on; returns the (wrapped) model and step times.
+    ``after_step(model, step)`` runs after each step's log line, before its checkpoint."""
     main = accelerator.is_main_process
     total = sum(p.steps for p in schedule)
     step_times: list[float] = []
@@ -109,6 +111,8 @@ def run_phases(
                     record = {"step": step, "phase": phase.name, "loss": loss, "lr": phase.lr, "tokens_per_s": tok_s}
                     log_file.write(json.dumps(record) + "\n")
                     log_file.flush()
+                if after_step is not None:
+                    after_step(model, step)
                 if step % cfg.save_every == 0 or step == total:
                     checkpointer.save(model, optimizer, step, phase)
             bar.close()

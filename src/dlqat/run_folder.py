@@ -25,15 +25,18 @@ from dlqat.fileio import RefusedError, atomic_write, atomic_write_text
 
 CHECKPOINT = "checkpoint.pt"
 LOG_FILE = "train_log.jsonl"
+CURVE_FILE = "curve.jsonl"
 CONFIG_FILE = "run_config.json"
 # Everything `dlqat train` writes into a run folder (and `dlqat eval` beside it).
 ARTEFACTS = (
-    CONFIG_FILE, LOG_FILE, CHECKPOINT, "quant_state.safetensors", "quantized", "results.json", "results.md",
+    CONFIG_FILE, LOG_FILE, CURVE_FILE, CHECKPOINT, "quant_state.safetensors", "quantized", "results.json", "results.md",
     "eval.json", "eval.md",
 )  # fmt: skip
 # Settings that do not change what a run computes (or only its float summation order: compile); the run
 # folder may have been moved.
-RESUME_MAY_CHANGE = ("save_every", "progress", "compile", "gradient_checkpointing", "output_dir")
+RESUME_MAY_CHANGE = (
+    "save_every", "progress", "compile", "gradient_checkpointing", "output_dir", "eval_at", "curve_eval_data",
+)  # fmt: skip
 _NOT_SETTINGS = ("resume", "overwrite")
 
 

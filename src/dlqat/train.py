@@ -8,6 +8,7 @@ calls ``train``, which is ``fit`` on the model and data its config names.
 
 from __future__ import annotations
 
+import json
 import logging
 import resource
 from dataclasses import asdict, dataclass, field
@@ -34,6 +35,7 @@ from dlqat.quant.lean_linear import set_compile
 from dlqat.run_folder import (
     CHECKPOINT,
     CONFIG_FILE,
+    CURVE_FILE,
     LOG_FILE,
     check_same_run,
     discard_run,
@@ -66,6 +68,7 @@ class _Run:
     examples: list[Example] = field(default_factory=list)
     eval_ids: list[int] = field(default_factory=list)
     eval_source: str = ""
+    curve_ids: dict[str, list[int]] = field(default_factory=dict)  # text name -> tokens (eval_at points)
     results: dict = field(default_factory=lambda: {"perplexity": {}})
     names: list[str] = field(default_factory=list)
     schedule: list[Phase] = field(default_factory=list)
@@ -138,6 +141,7 @@ def _setup(method_cfg, cfg, model, tokenizer, data) -> _Run:
         atomic_write_json(out / CONFIG_FILE, settings)
         if ckpt:
             truncate_log(out / LOG_FILE, ckpt["step"])
+            truncate_log(out / CURVE_FILE, ckpt["step"])
     run.accelerator.wait_for_everyone()
     _prepare(run)
     return run
@@ -188,6 +192,11 @@ def _load_inputs(run: _Run, model, tokenizer, data) -> None:
             f"--eval_seq_len={cfg.eval_seq_len}; lower --eval_seq_len or give a longer file"
         )
     log.info("train data: %d examples; eval text %s: %d tokens", len(run.examples), run.eval_source, len(run.eval_ids))
+    if cfg.curve_steps or cfg.curve_texts:
+        if is_fsdp(run.accelerator):
+            raise ValueError("eval_at/curve_eval_data: not under FSDP2 (evaluate the finished run with `dlqat eval`)")
+        run.curve_ids = {Path(run.eval_source).name: run.eval_ids}
+        run.curve_ids.update({Path(t).name: tokenize_text(read_text(t), tokenizer) for t in cfg.curve_texts})
 
 
 def _load_teacher(spec: str, tokenizer, device) -> torch.nn.Module:
@@ -223,17 +232,41 @@ def _prepare(run: _Run) -> None:
 
 
 def _evaluate(run: _Run, label: str) -> None:
-    """Perplexity of the model as it is now, once per label (a resumed run keeps its earlier rows)."""
+    """Perplexity of the model as it is now, once per label (a resumed run keeps its earlier rows); with
+    ``curve_eval_data`` also on each of those texts (``results["perplexity_by_text"]``)."""
     if label in run.results["perplexity"] or not run.main:
         return
-    with run.accelerator.autocast():
-        res = perplexity(
-            run.model, run.eval_ids, run.cfg.eval_seq_len, run.cfg.eval_max_windows, Path(run.eval_source).name,
-            progress=run.cfg.progress,
-        )  # fmt: skip
+    res = _perplexity(run, run.model, run.eval_ids, Path(run.eval_source).name)
     run.results["perplexity"][label] = res.perplexity
     run.results["eval"] = res.describe()
     log.info("perplexity %-8s %.3f  (%s)", label, res.perplexity, res.describe())
+    by_text = run.results.setdefault("perplexity_by_text", {}) if run.curve_ids else {}
+    for name, ids in run.curve_ids.items():
+        value = (
+            res.perplexity if name == Path(run.eval_source).name else _perplexity(run, run.model, ids, name).perplexity
+        )
+        by_text.setdefault(name, {})[label] = value
+
+
+def _perplexity(run: _Run, model, ids: list[int], name: str):
+    with run.accelerator.autocast():
+        return perplexity(model, ids, run.cfg.eval_seq_len, run.cfg.eval_max_windows, name, progress=run.cfg.progress)
+
+
+def _curve_point(run: _Run, model, step: int) -> None:
+    """``eval_at``: perplexity of the model being trained (its forward = the export's) on every curve text."""
+    if step not in run.cfg.curve_steps:
+        return
+    if run.main:
+        model = run.accelerator.unwrap_model(model)
+        rows = [
+            {"step": step, "text": name, "perplexity": _perplexity(run, model, ids, name).perplexity}
+            for name, ids in run.curve_ids.items()
+        ]
+        with open(run.out / CURVE_FILE, "a") as f:
+            f.writelines(json.dumps(row) + "\n" for row in rows)
+        log.info("step %d: %s", step, ", ".join(f"{r['text']} {r['perplexity']:.3f}" for r in rows))
+    run.accelerator.wait_for_everyone()
 
 
 def _train_phases(run: _Run) -> tuple[torch.nn.Module, list[float]]:
@@ -243,7 +276,7 @@ def _train_phases(run: _Run) -> tuple[torch.nn.Module, list[float]]:
     checkpointer = Checkpointer(run.accelerator, run.out / CHECKPOINT, run.schedule, run.results, run.settings)
     try:
         return run_phases(run.accelerator, run.model, run.schedule, step, data, objective, run.cfg, checkpointer,
-                          run.out / LOG_FILE, run.ckpt)  # fmt: skip
+                          run.out / LOG_FILE, run.ckpt, lambda model, step: _curve_point(run, model, step))  # fmt: skip
     finally:
         objective.remove()
 

@@ -97,6 +97,16 @@ class TrainConfig:
         default=None,
         metadata={"help": "kd: a separate teacher model (same tokenizer); default: the float model being quantized"},
     )
+    eval_at: str = field(
+        default="",
+        metadata={
+            "help": "learning curve: comma-separated optimizer steps (e.g. 40,120,400) at which to evaluate "
+            "perplexity on eval_data and curve_eval_data, appended to curve.jsonl"
+        },
+    )
+    curve_eval_data: str = field(
+        default="", metadata={"help": "more held-out text files (comma-separated) for the eval_at points and the end"}
+    )
     progress: bool = field(default=True, metadata={"help": "show progress bars"})
 
     def __post_init__(self) -> None:
@@ -119,8 +129,22 @@ class TrainConfig:
             raise ValueError(f"kd_temperature={self.kd_temperature!r}: expected a positive number")
         if self.teacher is not None and self.loss == "ce":
             raise ValueError(f"teacher={self.teacher!r} needs --loss kd or kd+ce (loss=ce uses no teacher)")
+        try:
+            steps = self.curve_steps
+        except ValueError as err:
+            raise ValueError(f"eval_at={self.eval_at!r}: expected comma-separated positive integers") from err
+        if any(s < 1 for s in steps):
+            raise ValueError(f"eval_at={self.eval_at!r}: expected comma-separated positive integers")
         if self.max_grad_norm < 0 or self.weight_decay < 0:
             raise ValueError("max_grad_norm and weight_decay must be >= 0")
+
+    @property
+    def curve_steps(self) -> list[int]:
+        return sorted({int(s) for s in self.eval_at.split(",") if s.strip()})
+
+    @property
+    def curve_texts(self) -> list[str]:
+        return [s.strip() for s in self.curve_eval_data.split(",") if s.strip()]
 
     @property
     def is_demo(self) -> bool:

@@ -37,6 +37,7 @@ class PerplexityResult:
 
 
 @torch.no_grad()
+@torch.no_grad()
 def perplexity(
     model: nn.Module,
     token_ids: list[int] | torch.Tensor,

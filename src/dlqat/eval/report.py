@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from dlqat.eval.tables import bar_axes, figure, markdown_table
 from dlqat.eval.zero_shot import COMMON_SENSE
 from dlqat.fileio import atomic_write_json, atomic_write_text
 
@@ -74,7 +75,7 @@ def markdown(results: list[dict]) -> str:
     tasks += sorted({t for r in results for t in r.get("tasks", {})} - set(tasks))
     has_mmlu = any("mmlu" in r for r in results)
     head = ["model", "ppl"] + [f"{t} acc / acc_norm" for t in tasks] + (["MMLU avg"] if has_mmlu else [])
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    rows = []
     for r in results:
         cells = [r["model"], f"{r['perplexity']['perplexity']:.3f}" if "perplexity" in r else "-"]
         for t in tasks:
@@ -82,7 +83,7 @@ def markdown(results: list[dict]) -> str:
             cells.append("-" if m is None else " / ".join(f"{100 * m[k]:.1f}" for k in ("acc", "acc_norm") if k in m))
         if has_mmlu:
             cells.append(f"{100 * r['mmlu']['average']:.1f}" if "mmlu" in r else "-")
-        lines.append("| " + " | ".join(cells) + " |")
+        rows.append(cells)
     notes = []
     for r in results:
         if "perplexity" in r:
@@ -93,7 +94,7 @@ def markdown(results: list[dict]) -> str:
             f"{part}: lm-eval-harness, limit {settings['limit']} per task, {settings['num_fewshot'] or 0}-shot, "
             f"{settings['task_source']} data, split: {settings['split']}; accuracies in %."
         )
-    return "\n".join(lines + [""] + notes) + "\n"
+    return "\n".join([markdown_table(head, rows), "", *notes]) + "\n"
 
 
 def merge_eval(old: dict, new: dict) -> dict:
@@ -142,33 +143,23 @@ def report(paths: list[str], out_prefix: Path) -> str:
 
 
 def _plot(results: list[dict], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     tasks = [t for t in TASK_COLUMNS if any(t in r.get("tasks", {}) for r in results)]
-    panels = 1 + bool(tasks)
-    fig, axes = plt.subplots(1, panels, figsize=(4 + 1.6 * len(tasks) * panels, 4), squeeze=False)
     names = [r["model"] for r in results]
     ppl = [r.get("perplexity", {}).get("perplexity", float("nan")) for r in results]
-    axes[0][0].bar(range(len(names)), ppl, color=[f"C{i}" for i in range(len(names))])
-    axes[0][0].set_xticks(range(len(names)), names, rotation=20, ha="right", fontsize=7)
-    axes[0][0].set_ylabel("perplexity (token-level, lower is better)")
-    if tasks:
-        ax = axes[0][1]
-        width = 0.8 / len(results)
-        for i, r in enumerate(results):
-            accs = [
-                100 * r.get("tasks", {}).get(t, {}).get("acc_norm", r.get("tasks", {}).get(t, {}).get("acc", 0))
-                for t in tasks
-            ]
-            ax.bar([j + i * width for j in range(len(tasks))], accs, width, label=r["model"])
-        ax.set_xticks([j + width * (len(results) - 1) / 2 for j in range(len(tasks))], tasks, rotation=20)
-        ax.set_ylabel("accuracy % (acc_norm where defined)")
-        ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+
+    def accuracy(r: dict, task: str) -> float:
+        metrics = r.get("tasks", {}).get(task, {})
+        return 100 * metrics.get("acc_norm", metrics.get("acc", 0))
+
+    def draw(axes):
+        bar_axes(axes[0], names, {"perplexity": ppl})
+        axes[0].set_ylabel("perplexity (token-level, lower is better)")
+        if tasks:
+            bar_axes(axes[1], tasks, {r["model"]: [accuracy(r, t) for t in tasks] for r in results})
+            axes[1].set_ylabel("accuracy % (acc_norm where defined)")
+            axes[1].legend(fontsize=7)
+
+    figure(1 + bool(tasks), 4 + 1.6 * len(tasks), path, draw)
 
 
 def write_results(results: dict, out: Path) -> None:
@@ -183,10 +174,8 @@ def write_results(results: dict, out: Path) -> None:
         "",
         f"{results.get('eval', '')}",
         "",
-        "| model | perplexity |",
-        "|---|---|",
+        markdown_table(["model", "perplexity"], [[k, f"{v:.3f}"] for k, v in results["perplexity"].items()]),
     ]
-    lines += [f"| {k} | {v:.3f} |" for k, v in results["perplexity"].items()]
     base = results["base_params"]
     lines += ["", f"trainable parameters (of {base:,}):"]
     lines += [f"- {name}: {count:,} ({100 * count / base:.2f}%)" for name, count in results["trainable_params"].items()]

@@ -1,0 +1,65 @@
+"""The one Markdown-table helper and the plot helpers every report uses (results, eval, compare)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+
+def markdown_table(head: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
+    """A GitHub Markdown table; cells are ``str()``-ed as given (format numbers before)."""
+    lines = ["| " + " | ".join(map(str, head)) + " |", "|" + "---|" * len(head)]
+    lines += ["| " + " | ".join(map(str, row)) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def _pyplot():
+    try:
+        import matplotlib
+    except ImportError:
+        print("matplotlib not installed: no plot (pip install matplotlib)")
+        return None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def bar_axes(ax, labels: Sequence[str], groups: dict[str, Sequence[float]], value_labels: bool = False) -> None:
+    """Grouped bars on ``ax``: one bar per label and group (``groups``: legend name -> values per label)."""
+    width = 0.8 / max(len(groups), 1)
+    for i, (name, values) in enumerate(groups.items()):
+        bars = ax.bar([j + i * width for j in range(len(labels))], values, width, label=name)
+        if value_labels:
+            ax.bar_label(bars, fmt="%.1f", fontsize=7)
+    ax.set_xticks([j + width * (len(groups) - 1) / 2 for j in range(len(labels))], labels, rotation=20, ha="right",
+                  fontsize=8)  # fmt: skip
+
+
+def figure(panels: int, width_per_panel: float, path: Path, draw) -> Path | None:
+    """A row of ``panels`` axes, filled by ``draw(axes)``, saved to ``path`` (None without matplotlib)."""
+    plt = _pyplot()
+    if plt is None:
+        return None
+    fig, axes = plt.subplots(1, panels, figsize=(max(4.0, width_per_panel * panels), 4), squeeze=False)
+    draw(list(axes[0]))
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def line_plot(series: list[tuple[str, dict[str, tuple[list, list]], float | None]], xlabel: str, ylabel: str,
+              path: Path) -> Path | None:  # fmt: skip
+    """One panel per ``(title, {line name: (xs, ys)}, reference y)``; log y, a dashed reference line."""
+
+    def draw(axes):
+        for ax, (title, lines, ref) in zip(axes, series):
+            for name, (xs, ys) in lines.items():
+                ax.plot(xs, ys, marker="o", label=name)
+            if ref:
+                ax.axhline(ref, color="gray", linestyle="--", linewidth=1, label="float")
+            ax.set(title=title, xlabel=xlabel, ylabel=ylabel, xscale="log", yscale="log")
+            ax.legend(fontsize=7)
+
+    return figure(len(series), 4.5, path, draw)
