@@ -47,11 +47,13 @@ def dlqat(*args: str) -> None:
 
 def run_recipe(name: str, args: argparse.Namespace, runs: Path) -> dict:
     run = runs / name
-    steps = (
-        ["--steps", str(args.phase1_steps + args.phase2_steps)]
-        if "--method" in RECIPES[name]
-        else ["--phase1_steps", str(args.phase1_steps), "--phase2_steps", str(args.phase2_steps)]
-    )
+    total = args.phase1_steps + args.phase2_steps  # every recipe trains the same number of steps
+    if "--method" in RECIPES[name]:
+        steps = ["--steps", str(total)]
+    elif "joint" in RECIPES[name]:  # no range-only phase: the whole budget in phase 2
+        steps = ["--phase1_steps", "0", "--phase2_steps", str(total)]
+    else:
+        steps = ["--phase1_steps", str(args.phase1_steps), "--phase2_steps", str(args.phase2_steps)]
     if not (run / "results.json").is_file():
         dlqat(
             "train", "--data", str(resources.default_train_text()), "--eval_data", str(domain_file("wiki")),

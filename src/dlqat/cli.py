@@ -131,8 +131,10 @@ def _export(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="dlqat export", description="Write a trained run as a low-bit model file.")
     parser.add_argument("run", help="run folder (or its quantized/ folder)")
     parser.add_argument("--format", choices=FORMATS, default="dlqat")
-    parser.add_argument("--out", required=True, help="output folder (dlqat) or file (gguf)")
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default="bf16", help="dlqat format: non-quantized tensors")
+    parser.add_argument("--out", required=True, help="output folder (dlqat, mlx) or file (gguf)")
+    parser.add_argument(
+        "--dtype", choices=sorted(DTYPES), default="bf16", help="dlqat: non-quantized tensors; mlx: every float tensor"
+    )
     parser.add_argument("--template", default=None, help="gguf format: GGUF of the base model for metadata")
     parser.add_argument(
         "--embed-bits", type=int, default=None, help="dlqat format: also quantize the tied embedding/head (8 or 4)"

@@ -7,10 +7,11 @@ from pathlib import Path
 import torch
 
 from dlqat.export.gguf_export import export_gguf, is_gguf_file
+from dlqat.export.mlx_export import export_mlx, is_mlx_export
 from dlqat.export.quantized import is_export, load_quantized, quantize_tied_embedding, read_quant_meta, save_quantized
 from dlqat.fileio import check_file_target, check_folder_target
 
-FORMATS = ("dlqat", "gguf")
+FORMATS = ("dlqat", "gguf", "mlx")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -33,9 +34,11 @@ def export(
     """Export the low-bit model of ``run``.
 
     Args:
-        fmt: ``dlqat`` (packed safetensors folder, reloadable with ``dlqat.load``) or ``gguf``.
+        fmt: ``dlqat`` (packed safetensors folder, reloadable with ``dlqat.load``), ``gguf`` (Q4_1 for
+            llama.cpp) or ``mlx`` (an mlx-lm folder, MLX affine quantization).
         dtype: storage of the non-quantized tensors in the ``dlqat`` format (fp32 keeps every logit
-            bit-exact; bf16/fp16 make the file small).
+            bit-exact; bf16/fp16 make the file small); in the ``mlx`` format of every float tensor,
+            scales and biases included (MLX computes in that dtype).
         template: GGUF of the same base model for metadata/tokenizer (default: the GGUF the run's
             base model came from, if any).
         embed_bits, embed_group_size: ``dlqat`` format only: also quantize the tied embedding/head
@@ -56,11 +59,15 @@ def export(
         raise ValueError(f"out={str(out)!r}: is the model being exported (or inside it); choose another path")
     if fmt == "gguf":
         check_file_target(out, is_gguf_file, overwrite, "GGUF file")
+    elif fmt == "mlx":
+        check_folder_target(out, is_mlx_export, overwrite, "MLX export")
     else:
         check_folder_target(out, is_export, overwrite, "dlqat export")
-    if fmt == "gguf" and meta.get("embedding"):
-        raise ValueError(f"{src}: its embedding table is quantized; export GGUF from the run folder instead")
+    if fmt in ("gguf", "mlx") and meta.get("embedding"):
+        raise ValueError(f"{src}: its embedding table is quantized; export {fmt} from the run folder instead")
     model, tokenizer = load_quantized(src)
+    if fmt == "mlx":
+        return export_mlx(model, tokenizer, out, DTYPES[dtype], overwrite=overwrite)
     if fmt == "dlqat":
         if embed_bits is not None:
             quantize_tied_embedding(model, embed_bits, embed_group_size)

@@ -1,0 +1,102 @@
+"""MLX export: an mlx-lm model folder whose quantized layers carry our codes exactly.
+
+MLX's affine format stores ``w = scale * u + bias`` with unsigned ``u`` in ``0..2^n-1``, packed along
+each row as one little-endian bit stream in uint32 words (element ``i`` at bits ``n*i .. n*i+n-1``;
+checked against ``mx.quantize`` in the tests). Our signed codes ``q`` are stored as ``u = q + 2^(n-1)``
+in exactly that bit stream (``dlqat.quant.bitpack``), so the packed bytes are reused as they are
+(viewed as uint32), and ``bias = offset - 2^(n-1) * scale`` gives the same weight; the only change is
+the float rounding of that subtraction (and of the storage dtype when it is not fp32).
+
+MLX has no ragged groups and takes group sizes 32, 64 and 128 and widths 2, 3, 4, 5, 6 and 8 bits:
+anything else is refused naming the layer. Layers keep their own bits/group size (recorded per layer
+in ``config.json``'s ``quantization``); embeddings, norms and a float head stay float.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+from transformers import PreTrainedModel
+
+from dlqat.fileio import atomic_folder
+from dlqat.layers import QuantizedEmbedding, QuantizedLinear
+from dlqat.quant import resolve_group_size
+
+MLX_GROUP_SIZES = (32, 64, 128)
+MLX_BITS = (2, 3, 4, 5, 6, 8)
+MLX_MARKER = "dlqat-mlx-v1"
+
+
+def check_mlx(name: str, layer: QuantizedLinear) -> None:
+    """Refuse what MLX's affine format cannot carry exactly, with the group sizes that would work."""
+    g = resolve_group_size(layer.group_size, layer.in_features)
+    if layer.n_bits not in MLX_BITS:
+        raise ValueError(f"{name}: {layer.n_bits}-bit codes; MLX affine quantization takes {MLX_BITS} bits")
+    if g not in MLX_GROUP_SIZES or layer.in_features % g:
+        fits = [s for s in MLX_GROUP_SIZES if layer.in_features % s == 0]
+        raise ValueError(
+            f"{name}: in_features={layer.in_features} with group_size={layer.group_size}: MLX needs a group size "
+            f"from {MLX_GROUP_SIZES} that divides in_features (no ragged groups); train with --group_size "
+            f"{max(fits) if fits else 32} for an exact MLX export"
+        )
+
+
+def mlx_tensors(name: str, layer: QuantizedLinear, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """``NAME.weight`` (uint32 words), ``NAME.scales``, ``NAME.biases`` (and ``NAME.bias``) of one layer."""
+    check_mlx(name, layer)
+    half = 2 ** (layer.n_bits - 1)
+    words = layer.packed.contiguous().view(torch.int32).view(torch.uint32)  # little-endian bytes -> words
+    tensors = {
+        f"{name}.weight": words,
+        f"{name}.scales": layer.scale.to(dtype),
+        f"{name}.biases": (layer.offset - half * layer.scale).to(dtype),
+    }
+    if layer.bias is not None:
+        tensors[f"{name}.bias"] = layer.bias.to(dtype)
+    return tensors
+
+
+def export_mlx(
+    model: PreTrainedModel, tokenizer, out_dir: str | Path, dtype: torch.dtype = torch.bfloat16, overwrite: bool = False
+) -> Path:
+    """Write a converted model (``QuantizedLinear`` layers) as an mlx-lm folder, atomically."""
+    if isinstance(model.get_input_embeddings(), QuantizedEmbedding):
+        raise ValueError("MLX export: the embedding table is quantized here; export from the run folder instead")
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, QuantizedLinear)}
+    tensors: dict[str, torch.Tensor] = {}
+    for name, layer in layers.items():
+        tensors.update(mlx_tensors(name, layer, dtype))
+    seen = set()
+    for name, tensor in model.state_dict().items():
+        owner = name.rsplit(".", 1)[0]
+        if owner in layers or (tensor.data_ptr(), tensor.shape) in seen:  # quantized, or a tied duplicate
+            continue
+        seen.add((tensor.data_ptr(), tensor.shape))
+        tensors[name] = tensor.to(dtype) if tensor.is_floating_point() else tensor
+    config = model.config.to_dict()
+    config.pop("quantization_config", None)
+    per_layer = {name: {"group_size": resolve_group_size(m.group_size, m.in_features), "bits": m.n_bits}
+                 for name, m in layers.items()}  # fmt: skip
+    first = next(iter(per_layer.values()))
+    config["quantization"] = {**first, "mode": "affine", **per_layer}
+    config["torch_dtype"] = str(dtype).removeprefix("torch.")
+    with atomic_folder(out_dir, is_mlx_export, overwrite, "MLX export") as tmp:
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp / "model.safetensors",
+                  metadata={"format": "mlx", "producer": MLX_MARKER})  # fmt: skip
+        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+    return Path(out_dir)
+
+
+def is_mlx_export(path: Path) -> bool:
+    try:
+        from safetensors import safe_open
+
+        with safe_open(path / "model.safetensors", "pt") as f:
+            return (f.metadata() or {}).get("producer") == MLX_MARKER
+    except Exception:  # noqa: BLE001 - any unreadable folder is simply not ours
+        return False
