@@ -14,8 +14,11 @@ from torch import nn
 
 from dlqat.layers.act_quant import ActQuant
 from dlqat.quant import (
+    FLOAT,
+    Storage,
     apply_magnitude,
     fake_quantize,
+    integer_offset,
     merge_lora,
     minmax_scale_offset,
     mse_scale_offset,
@@ -60,6 +63,7 @@ class QuantLoRALinear(ActQuant, nn.Module):
         use_magnitude: bool = True,
         clip_mode: ClipMode | str = ClipMode.LEARN_THEN_FIX,
         init: str = "minmax",
+        storage: Storage = FLOAT,
     ) -> None:
         super().__init__()
         if init not in INITS:
@@ -70,6 +74,7 @@ class QuantLoRALinear(ActQuant, nn.Module):
         self.rank, self.alpha, self.scaling = rank, alpha, alpha / rank
         self.clip_mode = ClipMode(clip_mode)
         self.quantize_enabled = True
+        self.storage = storage  # how the export stores scale/offset (dtype, integer zero point)
         # Lean: save only x and small tensors for backward (same outputs and gradients as autograd).
         self.lean = True
         weight.requires_grad_(False)
@@ -110,9 +115,15 @@ class QuantLoRALinear(ActQuant, nn.Module):
         return merge_lora(self.weight, self.lora_a, self.lora_b, self.scaling)
 
     def scale_offset(self, merged: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The clipping range the codes come from (with ``storage.int_zero``: an integer zero point)."""
         if self.clip_mode is ClipMode.DYNAMIC:
-            return self._minmax(merged)
-        return self.scale, self.offset
+            with torch.no_grad():
+                scale, offset = self._minmax(merged)
+        else:
+            scale, offset = self.scale, self.offset
+        if self.storage.int_zero:
+            offset = integer_offset(scale, offset, self.n_bits)
+        return scale, offset
 
     def quantized_weight(self) -> torch.Tensor:
         """The float weight this layer computes with (``m * Q(W0 + sBA)``, or unquantized when off)."""
@@ -120,7 +131,7 @@ class QuantLoRALinear(ActQuant, nn.Module):
         if not self.quantize_enabled:
             return merged
         scale, offset = self.scale_offset(merged)
-        return fake_quantize(merged, scale, offset, self.n_bits, self.group_size, self.magnitude)
+        return fake_quantize(merged, scale, offset, self.n_bits, self.group_size, self.magnitude, self.storage)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.float_forward:
@@ -129,14 +140,11 @@ class QuantLoRALinear(ActQuant, nn.Module):
 
     def _linear(self, x: torch.Tensor) -> torch.Tensor:
         if self.lean and self.quantize_enabled:
-            if self.clip_mode is ClipMode.DYNAMIC:
-                with torch.no_grad():
-                    scale, offset = self._minmax(self.merged_weight())
-            else:
-                scale, offset = self.scale, self.offset
+            merged = self.merged_weight().detach() if self.clip_mode is ClipMode.DYNAMIC else None
+            scale, offset = self.scale_offset(merged)
             return lean_qlora_linear(
                 x, self.weight, self.lora_a, self.lora_b, scale, offset, self.magnitude, self.bias, self.scaling,
-                self.n_bits, self.group_size,
+                self.n_bits, self.group_size, self.storage,
             )  # fmt: skip
         w = self.quantized_weight()
         bias = None if self.bias is None else self.bias.to(x.dtype)
@@ -149,7 +157,7 @@ class QuantLoRALinear(ActQuant, nn.Module):
         merged = self.merged_weight()
         scale, offset = self.scale_offset(merged)
         q = quantize(merged, scale, offset, self.n_bits, self.group_size)
-        scale, offset = apply_magnitude(scale, offset, self.magnitude)
+        scale, offset = apply_magnitude(scale, offset, self.magnitude, self.storage)
         return q.to(torch.int8), scale, offset
 
     def extra_repr(self) -> str:

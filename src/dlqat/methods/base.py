@@ -10,11 +10,12 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import ClassVar
 
+import torch
 from torch import nn
 
 from dlqat.layers import ClipMode, QuantLoRALinear
 from dlqat.layers.quant_lora_linear import INITS
-from dlqat.quant.primitives import check_bits, resolve_group_size
+from dlqat.quant.primitives import FLOAT, Storage, check_bits, resolve_group_size
 from dlqat.surgery import DEFAULT_TARGETS, name_filter, replace_linears
 
 
@@ -40,6 +41,8 @@ class QuantMethodConfig:
         check_bits(self.n_bits)
         resolve_group_size(self.group_size, 1 << 30)
         name_filter(self.target_modules)  # fails early on a bad regex
+        if isinstance(self, StorageFields):
+            self.storage()  # validates zero_point and qparam_dtype
         for name, value in asdict(self).items():
             if name in ("rank", "calib_samples") and value < 1:
                 raise ValueError(f"{name}={value!r}: expected a positive integer")
@@ -52,6 +55,30 @@ class QuantMethodConfig:
 
     def to_dict(self) -> dict:
         return {"method": self.name, **asdict(self)}
+
+
+QPARAM_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass
+class StorageFields:
+    """How the export will store scale/offset; training rounds to exactly that (``dlqat.quant.Storage``)."""
+
+    zero_point: str = field(
+        default="float",
+        metadata={"help": "float (offset any float) or int (offset = -scale * integer zero point: GPTQ-style formats)"},
+    )
+    qparam_dtype: str = field(
+        default="fp32",
+        metadata={"help": "fp32, bf16 or fp16: train with the final scale/offset rounded to the storage dtype"},
+    )
+
+    def storage(self) -> Storage:
+        if self.zero_point not in ("float", "int"):
+            raise ValueError(f"zero_point={self.zero_point!r}: expected float or int")
+        if self.qparam_dtype not in QPARAM_DTYPES:
+            raise ValueError(f"qparam_dtype={self.qparam_dtype!r}: expected one of {sorted(QPARAM_DTYPES)}")
+        return Storage(QPARAM_DTYPES[self.qparam_dtype], self.zero_point == "int")
 
 
 # Quantizer parameters: never weight-decayed (see Phase.param_groups).
@@ -108,6 +135,7 @@ def swap_in_quant_lora(
         layer = QuantLoRALinear.from_linear(
             linear, n_bits=cfg.n_bits, group_size=cfg.group_size, rank=rank, alpha=alpha,
             use_magnitude=use_magnitude, clip_mode=clip_mode, init=init,
+            storage=cfg.storage() if isinstance(cfg, StorageFields) else FLOAT,
         )  # fmt: skip
         layer.quantize_enabled, layer.lean = quantize_enabled, lean
         return layer

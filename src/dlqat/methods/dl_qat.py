@@ -13,14 +13,14 @@ from typing import ClassVar
 from torch import nn
 
 from dlqat.layers import ClipMode
-from dlqat.methods.base import Phase, QuantMethodConfig, param_of, require_steps, swap_in_quant_lora
+from dlqat.methods.base import Phase, QuantMethodConfig, StorageFields, param_of, require_steps, swap_in_quant_lora
 from dlqat.methods.registry import QuantMethod, register_method
 
 _CLIP_MODES = [mode.value for mode in ClipMode]
 
 
 @dataclass
-class DLQATConfig(QuantMethodConfig):
+class DLQATConfig(QuantMethodConfig, StorageFields):
     """DL-QAT method settings."""
 
     name: ClassVar[str] = "dl_qat"

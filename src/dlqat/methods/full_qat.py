@@ -10,12 +10,12 @@ from typing import ClassVar
 from torch import nn
 
 from dlqat.layers import ClipMode
-from dlqat.methods.base import Phase, QuantMethodConfig, require_steps, swap_in_quant_lora
+from dlqat.methods.base import Phase, QuantMethodConfig, StorageFields, require_steps, swap_in_quant_lora
 from dlqat.methods.registry import QuantMethod, register_method
 
 
 @dataclass
-class FullQATConfig(QuantMethodConfig):
+class FullQATConfig(QuantMethodConfig, StorageFields):
     """Full-weight QAT settings."""
 
     name: ClassVar[str] = "full_qat"

@@ -11,12 +11,12 @@ from typing import ClassVar
 from torch import nn
 
 from dlqat.layers import ClipMode
-from dlqat.methods.base import Phase, QuantMethodConfig, param_of, require_steps, swap_in_quant_lora
+from dlqat.methods.base import Phase, QuantMethodConfig, StorageFields, param_of, require_steps, swap_in_quant_lora
 from dlqat.methods.registry import QuantMethod, register_method
 
 
 @dataclass
-class L4QConfig(QuantMethodConfig):
+class L4QConfig(QuantMethodConfig, StorageFields):
     """L4Q settings."""
 
     name: ClassVar[str] = "l4q"

@@ -1,9 +1,12 @@
 """Pure quantizer math (no modules, no models)."""
 
 from dlqat.quant.primitives import (
+    FLOAT,
+    Storage,
     apply_magnitude,
     code_range,
     dequantize,
+    integer_offset,
     fake_quantize,
     merge_lora,
     minmax_scale_offset,
@@ -15,9 +18,12 @@ from dlqat.quant.primitives import (
 )
 
 __all__ = [
+    "FLOAT",
+    "Storage",
     "apply_magnitude",
     "code_range",
     "dequantize",
+    "integer_offset",
     "fake_quantize",
     "merge_lora",
     "minmax_scale_offset",

@@ -21,6 +21,8 @@ import torch
 import torch.nn.functional as F
 
 from dlqat.quant.primitives import (
+    FLOAT,
+    Storage,
     apply_magnitude,
     clamp_scale,
     code_range,
@@ -53,6 +55,7 @@ def _backward_elementwise(
     scaling: float,
     n_bits: int,
     group_size: int,
+    storage: Storage,
     need_weight: bool,
     need_scale: bool,
     need_offset: bool,
@@ -77,7 +80,8 @@ def _backward_elementwise(
     m = None if magnitude is None else magnitude.unsqueeze(-1)
     w = d_scale = d_offset = d_mag = d_merged = None
     if need_weight:
-        w = from_groups((s * q + b) if m is None else (m * s) * q + m * b, in_features)
+        final_scale, final_offset = apply_magnitude(scale, offset, magnitude, storage)  # as stored
+        w = from_groups(final_scale.unsqueeze(-1) * q + final_offset.unsqueeze(-1), in_features)
     if d_w is not None:
         d_wg = _group_cols(d_w, group_size, pad_value=0.0)  # padding gets no gradient
         if m is not None and need_magnitude:
@@ -115,24 +119,24 @@ def set_compile(enabled: bool) -> None:
 
 class _LeanQLoRALinear(torch.autograd.Function):
     @staticmethod
-    def forward(x, weight, lora_a, lora_b, scale, offset, magnitude, bias, scaling, n_bits, group_size, fused):
+    def forward(x, weight, lora_a, lora_b, scale, offset, magnitude, bias, scaling, n_bits, group_size, storage, fused):
         if fused:  # the compiled elementwise function, asked for the weight only
             w = _elementwise(
-                weight, lora_a, lora_b, scale, offset, magnitude, None, scaling, n_bits, group_size,
+                weight, lora_a, lora_b, scale, offset, magnitude, None, scaling, n_bits, group_size, storage,
                 True, False, False, False, False,
             )[0]  # fmt: skip
         else:
             merged = merge_lora(weight, lora_a, lora_b, scaling)
             q = quantize(merged, scale, offset, n_bits, group_size)
-            w = dequantize(q, *apply_magnitude(scale, offset, magnitude), group_size)
+            w = dequantize(q, *apply_magnitude(scale, offset, magnitude, storage), group_size)
         return F.linear(x, w.to(x.dtype), None if bias is None else bias.to(x.dtype))
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        x, weight, lora_a, lora_b, scale, offset, magnitude, bias, scaling, n_bits, group_size, _ = inputs
+        x, weight, lora_a, lora_b, scale, offset, magnitude, bias, scaling, n_bits, group_size, storage, _ = inputs
         ctx.save_for_backward(x, weight, lora_a, lora_b, scale, offset, magnitude)
         ctx.has_bias = bias is not None
-        ctx.scaling, ctx.n_bits, ctx.group_size = scaling, n_bits, group_size
+        ctx.scaling, ctx.n_bits, ctx.group_size, ctx.storage = scaling, n_bits, group_size, storage
 
     @staticmethod
     def backward(ctx, grad_y):
@@ -147,7 +151,7 @@ class _LeanQLoRALinear(torch.autograd.Function):
                 )
             w, d_scale, d_offset, d_mag, d_merged = _elementwise(
                 weight, lora_a, lora_b, scale, offset, magnitude, d_w,
-                ctx.scaling, ctx.n_bits, ctx.group_size,
+                ctx.scaling, ctx.n_bits, ctx.group_size, ctx.storage,
                 need[0], need[4], need[5], need[6] and magnitude is not None, need[2] or need[3],
             )  # fmt: skip
             del d_w
@@ -161,7 +165,7 @@ class _LeanQLoRALinear(torch.autograd.Function):
                     d_b = ctx.scaling * (d_merged @ lora_a.t())
                 if need[2]:
                     d_a = ctx.scaling * (lora_b.t() @ d_merged)
-        return grad_x, None, d_a, d_b, d_scale, d_offset, d_mag, grad_bias, None, None, None, None
+        return grad_x, None, d_a, d_b, d_scale, d_offset, d_mag, grad_bias, None, None, None, None, None
 
 
 def lean_qlora_linear(
@@ -176,13 +180,15 @@ def lean_qlora_linear(
     scaling: float,
     n_bits: int,
     group_size: int,
+    storage: Storage = FLOAT,
 ) -> torch.Tensor:
     """``x @ (m * Q(W0 + scaling B A))^T + bias`` saving only ``x`` and small tensors for backward.
 
     Shapes: ``x (..., in)``, ``weight (out, in)`` frozen, ``lora_a (r, in)``, ``lora_b (out, r)``,
-    ``scale``/``offset``/``magnitude`` ``(out, n_groups)``.
+    ``scale``/``offset``/``magnitude`` ``(out, n_groups)``. ``storage``: the final scale/offset are
+    rounded as the export stores them (straight-through; the gradients are those of the unrounded ones).
     """
     fused = _elementwise is not _backward_elementwise and torch.is_grad_enabled()  # compiled, and training
     return _LeanQLoRALinear.apply(
-        x, weight, lora_a, lora_b, scale, offset, magnitude, bias, scaling, n_bits, group_size, fused
+        x, weight, lora_a, lora_b, scale, offset, magnitude, bias, scaling, n_bits, group_size, storage, fused
     )

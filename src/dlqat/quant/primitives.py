@@ -16,6 +16,7 @@ Codes: ``q = clip(round((w - offset) / scale), -2^(n-1), 2^(n-1)-1)`` (signed), 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 
@@ -195,17 +196,54 @@ def dequantize(q: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, group
     return q * expand_groups(scale, group_size, in_features) + expand_groups(offset, group_size, in_features)
 
 
-def apply_magnitude(
-    scale: torch.Tensor, offset: torch.Tensor, magnitude: torch.Tensor | None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """DL-QAT's ``m * (s q + b)`` as the plain group quantizer ``(m s) q + (m b)``.
+@dataclass(frozen=True)
+class Storage:
+    """How the final per-group ``scale``/``offset`` will be stored by the export a model is trained for.
 
-    Training and export both take the final scale/offset from here, so they agree bit for bit.
+    ``dtype``: fp16/bf16 storage (serving formats keep scales in half precision): training rounds the
+    final scale and offset to it, straight-through, so the stored values are the trained ones.
+    ``int_zero``: the offset is ``-scale * z`` with an integer zero point ``z`` in the code range
+    (GPTQ / compressed-tensors); see :func:`integer_offset`.
+    """
+
+    dtype: torch.dtype | None = None
+    int_zero: bool = False
+
+
+FLOAT = Storage()
+
+
+def round_to_dtype(x: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
+    """``x`` rounded to ``dtype`` and back, with an identity gradient (straight-through)."""
+    if dtype is None or dtype == x.dtype:
+        return x
+    return x + (x.to(dtype).to(x.dtype) - x).detach()
+
+
+def integer_offset(scale: torch.Tensor, offset: torch.Tensor, n_bits: int) -> torch.Tensor:
+    """The nearest offset of the form ``-scale * z``, ``z`` an integer in the code range (straight-
+    through round, as EfficientQAT): the grid ``scale * (q - z)`` of GPTQ-style asymmetric formats."""
+    lo, hi = code_range(n_bits)
+    scale = clamp_scale(scale)
+    return -scale * torch.clamp(round_ste(-offset / scale), lo, hi)
+
+
+def apply_magnitude(
+    scale: torch.Tensor, offset: torch.Tensor, magnitude: torch.Tensor | None, storage: Storage = FLOAT
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """DL-QAT's ``m * (s q + b)`` as the plain group quantizer ``(m s) q + (m b)``, as stored.
+
+    Training and export both take the final scale/offset from here, so they agree bit for bit. With
+    ``storage.dtype`` both are rounded to it; with ``storage.int_zero`` (``offset = -s z``) the final
+    offset is ``-(m s) z`` from the rounded scale, so ``z`` stays the integer zero point.
     """
     scale = clamp_scale(scale)
-    if magnitude is None:
-        return scale, offset
-    return magnitude * scale, magnitude * offset
+    final_scale = scale if magnitude is None else magnitude * scale
+    final_scale = round_to_dtype(final_scale, storage.dtype)
+    if storage.int_zero:
+        return final_scale, final_scale * round_ste(offset / scale)
+    final_offset = offset if magnitude is None else magnitude * offset
+    return final_scale, round_to_dtype(final_offset, storage.dtype)
 
 
 def fake_quantize(
@@ -215,7 +253,8 @@ def fake_quantize(
     n_bits: int,
     group_size: int,
     magnitude: torch.Tensor | None = None,
+    storage: Storage = FLOAT,
 ) -> torch.Tensor:
     """``m * (s * Q(w) + b)``: the float weight the quantized model computes with."""
     q = quantize(w, scale, offset, n_bits, group_size)
-    return dequantize(q, *apply_magnitude(scale, offset, magnitude), group_size)
+    return dequantize(q, *apply_magnitude(scale, offset, magnitude, storage), group_size)
