@@ -131,9 +131,12 @@ def _export(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="dlqat export", description="Write a trained run as a low-bit model file.")
     parser.add_argument("run", help="run folder (or its quantized/ folder)")
     parser.add_argument("--format", choices=FORMATS, default="dlqat")
-    parser.add_argument("--out", required=True, help="output folder (dlqat, mlx) or file (gguf)")
+    parser.add_argument("--out", required=True, help="output folder (dlqat, mlx, compressed-tensors) or file (gguf)")
     parser.add_argument(
-        "--dtype", choices=sorted(DTYPES), default="bf16", help="dlqat: non-quantized tensors; mlx: every float tensor"
+        "--dtype",
+        choices=sorted(DTYPES),
+        default="bf16",
+        help="dlqat: non-quantized tensors; mlx, compressed-tensors: every float tensor",
     )
     parser.add_argument("--template", default=None, help="gguf format: GGUF of the base model for metadata")
     parser.add_argument(

@@ -150,7 +150,7 @@ def write_table(rows: list[dict], out: Path) -> str:
         writer = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
         writer.writeheader()
         writer.writerows(rows)
-    fmt = lambda v, spec: "-" if v is None else format(v, spec)  # noqa: E731
+    fmt = lambda v, spec: "-" if v is None else format(v, spec)
     head = ["method", "W", "g", "perplexity", "float", "RTN", "trainable", "%", "peak MB", "s/step"]
     body = [
         [r["method"], r["bits"], r["group"], f"{r['perplexity']:.3f}", fmt(r["float"], ".3f"), fmt(r["rtn"], ".3f"),

@@ -121,3 +121,14 @@ def check_file_target(target: Path, is_ours: Callable[[Path], bool], overwrite: 
         raise RefusedError(f"{target}: exists and is not a {what}; refusing to overwrite it (choose another path)")
     if not overwrite:
         raise RefusedError(f"{target}: exists; pass --overwrite to replace it, or choose another path")
+
+
+def safetensors_producer(path: Path) -> str | None:
+    """The ``producer`` metadata of ``path/model.safetensors`` (how exports recognise their own folders)."""
+    try:
+        from safetensors import safe_open
+
+        with safe_open(path / "model.safetensors", "pt") as f:
+            return (f.metadata() or {}).get("producer")
+    except Exception:  # noqa: BLE001 - an unreadable or foreign folder is simply not ours
+        return None

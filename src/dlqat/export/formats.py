@@ -6,12 +6,13 @@ from pathlib import Path
 
 import torch
 
+from dlqat.export.ct_export import export_compressed_tensors, is_ct_export
 from dlqat.export.gguf_export import export_gguf, is_gguf_file
 from dlqat.export.mlx_export import export_mlx, is_mlx_export
 from dlqat.export.quantized import is_export, load_quantized, quantize_tied_embedding, read_quant_meta, save_quantized
 from dlqat.fileio import check_file_target, check_folder_target
 
-FORMATS = ("dlqat", "gguf", "mlx")
+FORMATS = ("dlqat", "gguf", "mlx", "compressed-tensors", "gptq")  # gptq: compressed-tensors
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -35,7 +36,8 @@ def export(
 
     Args:
         fmt: ``dlqat`` (packed safetensors folder, reloadable with ``dlqat.load``), ``gguf`` (Q4_1 for
-            llama.cpp) or ``mlx`` (an mlx-lm folder, MLX affine quantization).
+            llama.cpp), ``mlx`` (an mlx-lm folder, MLX affine quantization) or ``compressed-tensors``
+            (alias ``gptq``: GPTQ-style integer zero points, pack-quantized; needs ``--zero_point int`` training).
         dtype: storage of the non-quantized tensors in the ``dlqat`` format (fp32 keeps every logit
             bit-exact; bf16/fp16 make the file small); in the ``mlx`` format of every float tensor,
             scales and biases included (MLX computes in that dtype).
@@ -61,13 +63,17 @@ def export(
         check_file_target(out, is_gguf_file, overwrite, "GGUF file")
     elif fmt == "mlx":
         check_folder_target(out, is_mlx_export, overwrite, "MLX export")
+    elif fmt in ("compressed-tensors", "gptq"):
+        check_folder_target(out, is_ct_export, overwrite, "GPTQ (compressed-tensors) export")
     else:
         check_folder_target(out, is_export, overwrite, "dlqat export")
-    if fmt in ("gguf", "mlx") and meta.get("embedding"):
+    if fmt != "dlqat" and meta.get("embedding"):
         raise ValueError(f"{src}: its embedding table is quantized; export {fmt} from the run folder instead")
     model, tokenizer = load_quantized(src)
     if fmt == "mlx":
         return export_mlx(model, tokenizer, out, DTYPES[dtype], overwrite=overwrite)
+    if fmt in ("compressed-tensors", "gptq"):
+        return export_compressed_tensors(model, tokenizer, out, DTYPES[dtype], overwrite=overwrite)
     if fmt == "dlqat":
         if embed_bits is not None:
             quantize_tied_embedding(model, embed_bits, embed_group_size)

@@ -21,7 +21,7 @@ import torch
 from safetensors.torch import save_file
 from transformers import PreTrainedModel
 
-from dlqat.fileio import atomic_folder
+from dlqat.fileio import atomic_folder, safetensors_producer
 from dlqat.layers import QuantizedEmbedding, QuantizedLinear
 from dlqat.quant import resolve_group_size
 
@@ -93,10 +93,4 @@ def export_mlx(
 
 
 def is_mlx_export(path: Path) -> bool:
-    try:
-        from safetensors import safe_open
-
-        with safe_open(path / "model.safetensors", "pt") as f:
-            return (f.metadata() or {}).get("producer") == MLX_MARKER
-    except Exception:  # noqa: BLE001 - any unreadable folder is simply not ours
-        return False
+    return safetensors_producer(path) == MLX_MARKER

@@ -73,6 +73,11 @@ class StorageFields:
         metadata={"help": "fp32, bf16 or fp16: train with the final scale/offset rounded to the storage dtype"},
     )
 
+    def start_label(self, init: str = "minmax") -> str:
+        """Name of the PTQ result an untrained layer computes: ``rtn``, or e.g. ``rtn-mse-int0-bf16``."""
+        parts = ["rtn"] + (["mse"] if init == "mse" else []) + (["int0"] if self.zero_point == "int" else [])
+        return "-".join(parts + ([self.qparam_dtype] if self.qparam_dtype != "fp32" else []))
+
     def storage(self) -> Storage:
         if self.zero_point not in ("float", "int"):
             raise ValueError(f"zero_point={self.zero_point!r}: expected float or int")

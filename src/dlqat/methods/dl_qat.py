@@ -104,4 +104,4 @@ class DLQAT(QuantMethod):
         return schedule
 
     def starts_at(self, cfg: DLQATConfig) -> str:
-        return "rtn" if cfg.init == "minmax" else f"rtn-{cfg.init}"
+        return cfg.start_label(cfg.init)

@@ -35,3 +35,6 @@ class FullQAT(QuantMethod):
         require_steps(cfg, "steps")
         weights = {f"{name}.weight" for name in layer_names}
         return [Phase("full_qat: weights", cfg.steps, cfg.lr, weights.__contains__)]
+
+    def starts_at(self, cfg: FullQATConfig) -> str:
+        return cfg.start_label()

@@ -45,4 +45,4 @@ class L4Q(QuantMethod):
         return [Phase("l4q: lora_a/lora_b/scale/offset", cfg.steps, cfg.lr, trains, quant_lrs)]
 
     def starts_at(self, cfg: L4QConfig) -> str:
-        return "rtn" if cfg.init == "minmax" else f"rtn-{cfg.init}"
+        return cfg.start_label(cfg.init)
