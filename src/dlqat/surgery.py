@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable
 
+import torch
 from torch import nn
 
 # Attention and MLP projections of Llama, Mistral, Qwen2/3, Gemma/Gemma3, Phi-3-style layouts.
@@ -45,3 +46,15 @@ def replace_linears(
         linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)][:8]
         raise ValueError(f"no linear layer matched the target filter; some linear layers of this model: {linears}")
     return [name for name, _ in targets]
+
+
+def unique_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """``model.state_dict()`` without tied duplicates (the first name of a shared tensor is kept):
+    safetensors refuses shared storage, and a tied embedding/head must be written once."""
+    seen, state = set(), {}
+    for name, tensor in model.state_dict().items():
+        key = (tensor.data_ptr(), tensor.shape, tensor.dtype)
+        if key not in seen:
+            seen.add(key)
+            state[name] = tensor
+    return state

@@ -8,10 +8,9 @@ calls ``train``, which is ``fit`` on the model and data its config names.
 
 from __future__ import annotations
 
-import json
 import logging
 import resource
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -21,15 +20,13 @@ from safetensors.torch import save_file
 
 from dlqat import resources
 from dlqat.data import Example, collate, load_examples, read_text, tokenize_text
-from dlqat.eval.perplexity import perplexity
 from dlqat.eval.report import write_results
 from dlqat.export import convert, save_quantized
 from dlqat.fileio import atomic_write, atomic_write_json
 from dlqat.layers import set_act_quant
 from dlqat.loop import Checkpointer, batches, quant_state, run_phases
 from dlqat.losses import Objective
-from dlqat.methods import QuantMethod, QuantMethodConfig, count_parameters, handler
-from dlqat.methods.base import Phase
+from dlqat.methods import QuantMethodConfig, count_parameters, handler
 from dlqat.models import load_model, source_gguf
 from dlqat.quant.lean_linear import set_compile
 from dlqat.run_folder import (
@@ -44,46 +41,13 @@ from dlqat.run_folder import (
     run_settings,
     truncate_log,
 )
+from dlqat.run_state import Run, curve_point, evaluate
 from dlqat.sharding import is_fsdp, make_accelerator, optimizer_layout
 from dlqat.train_config import TrainConfig, resolve_defaults
 
 log = logging.getLogger(__name__)
 # Methods whose layers keep no frozen float weight to distil from (QA-LoRA: codes; full QAT: trains W0).
 _NO_SELF_TEACHER = ("qa_lora", "full_qat")
-
-
-@dataclass
-class _Run:
-    """Everything a run in progress holds (one object instead of a long argument list)."""
-
-    method_cfg: QuantMethodConfig
-    cfg: TrainConfig
-    method: QuantMethod
-    accelerator: Accelerator
-    settings: dict
-    ckpt: dict | None
-    model: torch.nn.Module | None = None
-    tokenizer: object = None
-    teacher: torch.nn.Module | None = None
-    examples: list[Example] = field(default_factory=list)
-    eval_ids: list[int] = field(default_factory=list)
-    eval_source: str = ""
-    curve_ids: dict[str, list[int]] = field(default_factory=dict)  # text name -> tokens (eval_at points)
-    results: dict = field(default_factory=lambda: {"perplexity": {}})
-    names: list[str] = field(default_factory=list)
-    schedule: list[Phase] = field(default_factory=list)
-
-    @property
-    def out(self) -> Path:
-        return Path(self.cfg.output_dir)
-
-    @property
-    def label(self) -> str:
-        return self.method_cfg.name
-
-    @property
-    def main(self) -> bool:
-        return self.accelerator.is_main_process
 
 
 def train(method_cfg: QuantMethodConfig, cfg: TrainConfig) -> dict:
@@ -115,7 +79,7 @@ def fit(
     return _finish(run, model, step_times)
 
 
-def _setup(method_cfg, cfg, model, tokenizer, data) -> _Run:
+def _setup(method_cfg, cfg, model, tokenizer, data) -> Run:
     """Check the run folder and checkpoint first (nothing is loaded or written for a refused run), then
     load, then write ``run_config.json``, then evaluate float and prepare the method's layers."""
     method_cfg, cfg = resolve_defaults(method_cfg, cfg)
@@ -125,7 +89,7 @@ def _setup(method_cfg, cfg, model, tokenizer, data) -> _Run:
     ckpt = load_checkpoint(out / CHECKPOINT) if cfg.resume else None
     if ckpt:
         check_same_run(ckpt.get("settings"), settings, out / CHECKPOINT)
-    run = _Run(method_cfg, cfg, handler(method_cfg), _accelerator(cfg), settings, ckpt)
+    run = Run(method_cfg, cfg, handler(method_cfg), _accelerator(cfg), settings, ckpt)
     set_seed(cfg.seed)
     _load_inputs(run, model, tokenizer, data)
     if ckpt and ckpt["optimizer_layout"] != optimizer_layout(run.accelerator):
@@ -156,7 +120,7 @@ def _accelerator(cfg: TrainConfig) -> Accelerator:
     return make_accelerator(cfg.grad_accum, mixed, cfg.micro_batch_size, cfg.max_grad_norm)
 
 
-def _load_inputs(run: _Run, model, tokenizer, data) -> None:
+def _load_inputs(run: Run, model, tokenizer, data) -> None:
     """Model (and teacher), training examples and evaluation tokens, each checked with a clear error."""
     cfg = run.cfg
     if cfg.loss != "ce" and cfg.teacher is None and run.label in _NO_SELF_TEACHER:
@@ -207,15 +171,15 @@ def _load_teacher(spec: str, tokenizer, device) -> torch.nn.Module:
     return teacher.to(device).requires_grad_(False)
 
 
-def _prepare(run: _Run) -> None:
+def _prepare(run: Run) -> None:
     """Evaluate float, swap in the method's layers, evaluate the untrained start, restore a checkpoint."""
-    _evaluate(run, "float")
+    evaluate(run, "float")
     base_params = count_parameters(run.model)[1]
     run.names = run.method.prepare(run.model, run.method_cfg)
     set_act_quant(run.model, run.cfg.act_bits, run.cfg.kv_bits)
     start = run.method.starts_at(run.method_cfg)
     if start:  # e.g. DL-QAT: B = 0, m = 1, min/max scale/offset is exactly round-to-nearest
-        _evaluate(run, start)
+        evaluate(run, start)
     run.accelerator.wait_for_everyone()
     if run.ckpt:
         _, unexpected = run.model.load_state_dict(run.ckpt["quant_state"], strict=False)
@@ -231,57 +195,19 @@ def _prepare(run: _Run) -> None:
         log.info("%s trains %s parameters (%.2f%% of the model)", name, f"{count:,}", 100 * count / base_params)
 
 
-def _evaluate(run: _Run, label: str) -> None:
-    """Perplexity of the model as it is now, once per label (a resumed run keeps its earlier rows); with
-    ``curve_eval_data`` also on each of those texts (``results["perplexity_by_text"]``)."""
-    if label in run.results["perplexity"] or not run.main:
-        return
-    res = _perplexity(run, run.model, run.eval_ids, Path(run.eval_source).name)
-    run.results["perplexity"][label] = res.perplexity
-    run.results["eval"] = res.describe()
-    log.info("perplexity %-8s %.3f  (%s)", label, res.perplexity, res.describe())
-    by_text = run.results.setdefault("perplexity_by_text", {}) if run.curve_ids else {}
-    for name, ids in run.curve_ids.items():
-        value = (
-            res.perplexity if name == Path(run.eval_source).name else _perplexity(run, run.model, ids, name).perplexity
-        )
-        by_text.setdefault(name, {})[label] = value
-
-
-def _perplexity(run: _Run, model, ids: list[int], name: str):
-    with run.accelerator.autocast():
-        return perplexity(model, ids, run.cfg.eval_seq_len, run.cfg.eval_max_windows, name, progress=run.cfg.progress)
-
-
-def _curve_point(run: _Run, model, step: int) -> None:
-    """``eval_at``: perplexity of the model being trained (its forward = the export's) on every curve text."""
-    if step not in run.cfg.curve_steps:
-        return
-    if run.main:
-        model = run.accelerator.unwrap_model(model)
-        rows = [
-            {"step": step, "text": name, "perplexity": _perplexity(run, model, ids, name).perplexity}
-            for name, ids in run.curve_ids.items()
-        ]
-        with open(run.out / CURVE_FILE, "a") as f:
-            f.writelines(json.dumps(row) + "\n" for row in rows)
-        log.info("step %d: %s", step, ", ".join(f"{r['text']} {r['perplexity']:.3f}" for r in rows))
-    run.accelerator.wait_for_everyone()
-
-
-def _train_phases(run: _Run) -> tuple[torch.nn.Module, list[float]]:
+def _train_phases(run: Run) -> tuple[torch.nn.Module, list[float]]:
     step = run.ckpt["step"] if run.ckpt else 0
     data = batches(run.examples, run.cfg, run.tokenizer.pad_token_id, step * run.cfg.grad_accum, run.accelerator)
     objective = Objective(run.model, run.cfg.loss, run.cfg.kd_temperature, run.teacher)
     checkpointer = Checkpointer(run.accelerator, run.out / CHECKPOINT, run.schedule, run.results, run.settings)
     try:
         return run_phases(run.accelerator, run.model, run.schedule, step, data, objective, run.cfg, checkpointer,
-                          run.out / LOG_FILE, run.ckpt, lambda model, step: _curve_point(run, model, step))  # fmt: skip
+                          run.out / LOG_FILE, run.ckpt, lambda model, step: curve_point(run, model, step))  # fmt: skip
     finally:
         objective.remove()
 
 
-def _finish(run: _Run, model: torch.nn.Module, step_times: list[float]) -> dict:
+def _finish(run: Run, model: torch.nn.Module, step_times: list[float]) -> dict:
     """Finalize, convert to codes, save and evaluate the low-bit model (on the main process)."""
     model = run.accelerator.unwrap_model(model)
     trained = quant_state(model, run.schedule)
@@ -298,7 +224,7 @@ def _finish(run: _Run, model: torch.nn.Module, step_times: list[float]) -> dict:
         save_quantized(model, run.tokenizer, run.out / "quantized", layers, source_gguf=source_gguf(run.cfg.model),
                        overwrite=True)  # fmt: skip
         run.model = model
-        _evaluate(run, run.label)
+        evaluate(run, run.label)
         run.results["settings"] = {
             "method": run.label, "n_bits": run.method_cfg.n_bits, "group_size": run.method_cfg.group_size,
             "act_bits": run.cfg.act_bits, "kv_bits": run.cfg.kv_bits, "rank": getattr(run.method_cfg, "rank", None),
@@ -322,7 +248,7 @@ def _peak_memory_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def _rebuild(run: _Run, trained: dict) -> torch.nn.Module:
+def _rebuild(run: Run, trained: dict) -> torch.nn.Module:
     """A whole (unsharded) copy of the trained model: the base model, the method's layers, the trained tensors."""
     model, _ = load_model(run.cfg.model)
     model.to(run.accelerator.device)

@@ -21,6 +21,7 @@ from transformers import PreTrainedModel
 from dlqat.fileio import atomic_folder, safetensors_producer
 from dlqat.layers import QuantizedEmbedding, QuantizedLinear
 from dlqat.quant import resolve_group_size
+from dlqat.surgery import unique_state_dict
 
 CT_MARKER = "dlqat-compressed-tensors-v1"
 
@@ -85,12 +86,9 @@ def export_compressed_tensors(
     tensors: dict[str, torch.Tensor] = {}
     for name, layer in layers.items():
         tensors.update(ct_tensors(name, layer, dtype))
-    seen = set()
-    for name, tensor in model.state_dict().items():
-        if name.rsplit(".", 1)[0] in layers or (tensor.data_ptr(), tensor.shape) in seen:
-            continue
-        seen.add((tensor.data_ptr(), tensor.shape))
-        tensors[name] = tensor.to(dtype) if tensor.is_floating_point() else tensor
+    for name, tensor in unique_state_dict(model).items():
+        if name.rsplit(".", 1)[0] not in layers:  # the quantized layers are written above
+            tensors[name] = tensor.to(dtype) if tensor.is_floating_point() else tensor
     config = model.config.to_dict()
     config["quantization_config"] = quantization_config(layers)
     config["torch_dtype"] = str(dtype).removeprefix("torch.")

@@ -25,6 +25,7 @@ from torch import nn
 
 from dlqat.fileio import atomic_write, check_file_target
 from dlqat.layers import QuantizedLinear
+from dlqat.quant import resolve_group_size
 
 Q4_1_BLOCK = 32
 
@@ -36,7 +37,7 @@ def q4_1_bytes(q: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, group
     ``u[j]`` in its low nibble and ``u[j+16]`` in its high nibble.
     """
     n, k = q.shape
-    g = k if group_size == -1 else min(group_size, k)
+    g = resolve_group_size(group_size, k)
     if k % Q4_1_BLOCK or g % Q4_1_BLOCK:
         raise ValueError(f"Q4_1 needs in_features and group_size to be multiples of 32 (got {k} and {g})")
     if q.min() < -8 or q.max() > 7:

@@ -24,6 +24,7 @@ from transformers import PreTrainedModel
 from dlqat.fileio import atomic_folder, safetensors_producer
 from dlqat.layers import QuantizedEmbedding, QuantizedLinear
 from dlqat.quant import resolve_group_size
+from dlqat.surgery import unique_state_dict
 
 MLX_GROUP_SIZES = (32, 64, 128)
 MLX_BITS = (2, 3, 4, 5, 6, 8)
@@ -69,13 +70,9 @@ def export_mlx(
     tensors: dict[str, torch.Tensor] = {}
     for name, layer in layers.items():
         tensors.update(mlx_tensors(name, layer, dtype))
-    seen = set()
-    for name, tensor in model.state_dict().items():
-        owner = name.rsplit(".", 1)[0]
-        if owner in layers or (tensor.data_ptr(), tensor.shape) in seen:  # quantized, or a tied duplicate
-            continue
-        seen.add((tensor.data_ptr(), tensor.shape))
-        tensors[name] = tensor.to(dtype) if tensor.is_floating_point() else tensor
+    for name, tensor in unique_state_dict(model).items():
+        if name.rsplit(".", 1)[0] not in layers:  # the quantized layers are written above
+            tensors[name] = tensor.to(dtype) if tensor.is_floating_point() else tensor
     config = model.config.to_dict()
     config.pop("quantization_config", None)
     per_layer = {name: {"group_size": resolve_group_size(m.group_size, m.in_features), "bits": m.n_bits}

@@ -32,7 +32,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTra
 
 from dlqat.fileio import atomic_folder
 from dlqat.layers import QuantizedEmbedding, QuantizedLinear
-from dlqat.surgery import replace_linears
+from dlqat.surgery import replace_linears, unique_state_dict
 
 FORMAT = "dlqat-packed-v1"
 QUANT_FILE = "dlqat_quant.json"
@@ -120,15 +120,10 @@ def quantized_layers(model: nn.Module) -> dict[str, dict]:
 
 
 def _unique_state_dict(model: nn.Module, dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
-    """State dict without tied duplicates (safetensors refuses shared storage); floats outside the
-    quantized layers cast to ``dtype`` when given."""
+    """State dict without tied duplicates; floats outside the quantized layers cast to ``dtype`` when given."""
     keep_exact = {f"{name}.{buf}" for name in quantized_layers(model) for buf in ("scale", "offset")}
-    seen, state = set(), {}
-    for name, tensor in model.state_dict().items():
-        key = (tensor.data_ptr(), tensor.shape, tensor.dtype)
-        if key in seen:
-            continue
-        seen.add(key)
+    state = {}
+    for name, tensor in unique_state_dict(model).items():
         if dtype is not None and tensor.is_floating_point() and name not in keep_exact:
             tensor = tensor.to(dtype)
         state[name] = tensor.detach().contiguous().cpu()

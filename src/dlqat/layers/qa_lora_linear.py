@@ -15,6 +15,7 @@ from torch import nn
 
 from dlqat.layers.act_quant import ActQuant
 from dlqat.quant import dequantize, minmax_scale_offset, n_groups, quantize, resolve_group_size
+from dlqat.quant.primitives import to_groups
 
 
 class QALoRALinear(ActQuant, nn.Module):
@@ -43,10 +44,7 @@ class QALoRALinear(ActQuant, nn.Module):
 
     def pool(self, x: torch.Tensor) -> torch.Tensor:
         """Mean of ``x`` over each group's columns: ``(..., in) -> (..., n_groups)``."""
-        g = resolve_group_size(self.group_size, self.in_features)
-        pad = -self.in_features % g
-        sums = F.pad(x, (0, pad)).unflatten(-1, (-1, g)).sum(-1)
-        return sums / self.group_sizes.to(x.dtype)
+        return to_groups(x, self.group_size, pad_value=0.0).sum(-1) / self.group_sizes.to(x.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.quantize_output(self._linear(self.quantize_input(x)))

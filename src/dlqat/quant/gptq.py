@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from dlqat.quant.primitives import code_range, minmax_scale_offset, resolve_group_size
+from dlqat.quant.primitives import minmax_scale_offset, resolve_group_size, round_codes
 
 
 @torch.no_grad()
@@ -25,7 +25,6 @@ def gptq_quantize(
     w = weight.detach().float().clone()
     out_features, in_features = w.shape
     g = resolve_group_size(group_size, in_features)
-    lo, hi = code_range(n_bits)
     h = hessian.float().clone()
     dead = torch.diag(h) == 0
     h[dead, dead] = 1
@@ -48,7 +47,7 @@ def gptq_quantize(
                 s, b = minmax_scale_offset(group, n_bits, -1)
                 scale[:, col // g], offset[:, col // g] = s[:, 0], b[:, 0]
             s, b = scale[:, col // g], offset[:, col // g]
-            col_q = torch.clamp(torch.round((w1[:, i] - b) / s), lo, hi)
+            col_q = round_codes((w1[:, i] - b) / s, n_bits)
             q[:, col] = col_q.to(torch.int8)
             err = (w1[:, i] - (s * col_q + b)) / h_inv1[i, i]
             w1[:, i:] -= err.unsqueeze(1) @ h_inv1[i, i:].unsqueeze(0)

@@ -35,15 +35,6 @@ from dlqat.quant.primitives import (
 )
 
 
-def _group_cols(t: torch.Tensor, group_size: int, pad_value: float | None = None) -> torch.Tensor:
-    """(out, in) -> (out, n_groups, g); ``pad_value=None`` repeats the last column (like the quantizer)."""
-    if pad_value is None:
-        return to_groups(t, group_size)
-    g = to_groups(torch.zeros(1, t.shape[1], device=t.device), group_size).shape[-1]
-    pad = -t.shape[1] % g
-    return F.pad(t, (0, pad), value=pad_value).reshape(t.shape[0], -1, g)
-
-
 def _backward_elementwise(
     weight: torch.Tensor,
     lora_a: torch.Tensor,
@@ -83,7 +74,7 @@ def _backward_elementwise(
         final_scale, final_offset = apply_magnitude(scale, offset, magnitude, storage)  # as stored
         w = from_groups(final_scale.unsqueeze(-1) * q + final_offset.unsqueeze(-1), in_features)
     if d_w is not None:
-        d_wg = _group_cols(d_w, group_size, pad_value=0.0)  # padding gets no gradient
+        d_wg = to_groups(d_w, group_size, pad_value=0.0)  # padding gets no gradient
         if m is not None and need_magnitude:
             d_mag = (d_wg * (s * q + b)).sum(-1)
         d_wm = d_wg if m is None else d_wg * m

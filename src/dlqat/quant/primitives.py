@@ -79,14 +79,20 @@ def n_groups(in_features: int, group_size: int) -> int:
     return math.ceil(in_features / resolve_group_size(group_size, in_features))
 
 
-def to_groups(w: torch.Tensor, group_size: int) -> torch.Tensor:
-    """``(out, in) -> (out, n_groups, g)``, padding a ragged last group by repeating the last column."""
-    out_features, in_features = w.shape
+def to_groups(w: torch.Tensor, group_size: int, pad_value: float | None = None) -> torch.Tensor:
+    """``(..., in) -> (..., n_groups, g)``: the one group layout every caller uses.
+
+    A ragged last group is padded by repeating the last column (``pad_value=None``: leaves every
+    group's min/max unchanged, what the quantizer needs) or with ``pad_value`` (0 for sums and
+    gradients, so the padding adds nothing).
+    """
+    in_features = w.shape[-1]
     g = resolve_group_size(group_size, in_features)
     pad = n_groups(in_features, group_size) * g - in_features
     if pad:
-        w = torch.cat([w, w[:, -1:].expand(out_features, pad)], dim=1)
-    return w.reshape(out_features, -1, g)
+        fill = w[..., -1:] if pad_value is None else w.new_full((*w.shape[:-1], 1), pad_value)
+        w = torch.cat([w, fill.expand(*w.shape[:-1], pad)], dim=-1)
+    return w.unflatten(-1, (-1, g))
 
 
 def from_groups(wg: torch.Tensor, in_features: int) -> torch.Tensor:
@@ -148,7 +154,6 @@ def mse_scale_offset(
     Returns:
         ``scale, offset``, each ``(out, n_groups)``.
     """
-    lo, hi = code_range(n_bits)
     wg = to_groups(w, group_size)  # (out, G, g)
     valid = _valid_columns(w, wg)
     w_max, w_min = wg.amax(dim=-1), wg.amin(dim=-1)
@@ -156,7 +161,7 @@ def mse_scale_offset(
     best_err = torch.full_like(w_max, math.inf)
     for shrink in torch.linspace(1.0, min_shrink, grid).tolist():
         scale, offset = _range_scale_offset(shrink * w_max, shrink * w_min, n_bits)
-        q = torch.clamp(torch.round((wg - offset.unsqueeze(-1)) / scale.unsqueeze(-1)), lo, hi)
+        q = round_codes((wg - offset.unsqueeze(-1)) / scale.unsqueeze(-1), n_bits)
         err = ((q * scale.unsqueeze(-1) + offset.unsqueeze(-1) - wg).square() * valid).sum(-1)
         better = err < best_err
         best_err = torch.where(better, err, best_err)
@@ -170,6 +175,13 @@ def _valid_columns(w: torch.Tensor, wg: torch.Tensor) -> torch.Tensor:
     return cols.to(w.dtype).view(1, wg.shape[1], wg.shape[2])
 
 
+def round_codes(u: torch.Tensor, n_bits: int, straight_through: bool = False) -> torch.Tensor:
+    """``clip(round(u), -2^(n-1), 2^(n-1)-1)`` for ``u = (w - offset) / scale``: the one rounding rule
+    (quantizer, GPTQ's column loop, the lean backward's masks all follow it)."""
+    lo, hi = code_range(n_bits)
+    return torch.clamp(round_ste(u) if straight_through else torch.round(u), lo, hi)
+
+
 def quantize(w: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, n_bits: int, group_size: int) -> torch.Tensor:
     """Integer codes (as floats) of ``w``; differentiable through the STE.
 
@@ -179,10 +191,9 @@ def quantize(w: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, n_bits:
     Returns:
         ``q`` of shape ``(out, in)``, integer-valued, in ``code_range(n_bits)``.
     """
-    lo, hi = code_range(n_bits)
     wg = to_groups(w, group_size)
     scale = clamp_scale(scale)
-    qg = torch.clamp(round_ste((wg - offset.unsqueeze(-1)) / scale.unsqueeze(-1)), lo, hi)
+    qg = round_codes((wg - offset.unsqueeze(-1)) / scale.unsqueeze(-1), n_bits, straight_through=True)
     return from_groups(qg, w.shape[1])
 
 
