@@ -228,8 +228,8 @@ def test_truncated_or_garbage_checkpoint_is_named(content, run_copy, tiny_model_
     "argv,needle",
     [
         (["generate", "{run}", "--prompt", ""], "--prompt is empty"),
-        (["eval", "{run}", "--seq-len", "0"], "--seq-len=0"),
-        (["eval", "{run}", "--max-windows", "-1"], "--max-windows=-1"),
+        (["eval", "{run}", "--seq-len", "0"], "--eval_seq_len=0"),
+        (["eval", "{run}", "--max-windows", "-1"], "--eval_max_windows=-1"),
         (["eval", "{run}", "--tasks", "no_such_task", "--task-source", "local"], "no_such_task"),
     ],
 )

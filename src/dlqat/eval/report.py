@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from dlqat.commands import EvalConfig
 from dlqat.eval.tables import bar_axes, figure, markdown_table
 from dlqat.eval.zero_shot import COMMON_SENSE
 from dlqat.fileio import atomic_write_json, atomic_write_text
@@ -37,7 +38,7 @@ def load_for_eval(path: str | None, rtn_bits: int | None, group_size: int):
     return model, tokenizer, label
 
 
-def evaluate_model(args) -> dict:
+def evaluate_model(args: EvalConfig) -> dict:
     """What ``dlqat eval`` computes, as a JSON-ready dict (perplexity is token-level, labelled so)."""
     import torch
 
@@ -56,7 +57,11 @@ def evaluate_model(args) -> dict:
         source = args.eval_data or str(resources.default_eval_text())
         with torch.no_grad():
             ppl = perplexity(
-                model, tokenize_text(read_text(source), tokenizer), args.seq_len, args.max_windows, Path(source).name
+                model,
+                tokenize_text(read_text(source), tokenizer),
+                args.eval_seq_len,
+                args.eval_max_windows,
+                Path(source).name,
             )
         result["perplexity"] = {"kind": "token-level", **ppl.to_dict(), "description": ppl.describe()}
     if args.tasks:
