@@ -11,17 +11,15 @@ Ragged groups are refused (the format assumes ``in_features`` is a multiple of t
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 from transformers import PreTrainedModel
 
-from dlqat.fileio import atomic_folder, safetensors_producer
-from dlqat.layers import QuantizedEmbedding, QuantizedLinear
+from dlqat.export.serving import format_tensors, write_format_folder
+from dlqat.fileio import safetensors_producer
+from dlqat.layers import QuantizedLinear
 from dlqat.quant import resolve_group_size
-from dlqat.surgery import unique_state_dict
 
 CT_MARKER = "dlqat-compressed-tensors-v1"
 
@@ -80,25 +78,12 @@ def export_compressed_tensors(
     model: PreTrainedModel, tokenizer, out_dir: str | Path, dtype: torch.dtype = torch.bfloat16, overwrite: bool = False
 ) -> Path:
     """Write a converted model with integer zero points as a compressed-tensors folder, atomically."""
-    if isinstance(model.get_input_embeddings(), QuantizedEmbedding):
-        raise ValueError("GPTQ export: the embedding table is quantized here; export from the run folder instead")
-    layers = {n: m for n, m in model.named_modules() if isinstance(m, QuantizedLinear)}
-    tensors: dict[str, torch.Tensor] = {}
-    for name, layer in layers.items():
-        tensors.update(ct_tensors(name, layer, dtype))
-    for name, tensor in unique_state_dict(model).items():
-        if name.rsplit(".", 1)[0] not in layers:  # the quantized layers are written above
-            tensors[name] = tensor.to(dtype) if tensor.is_floating_point() else tensor
+    what = "GPTQ (compressed-tensors) export"
+    tensors, layers = format_tensors(model, lambda n, m: ct_tensors(n, m, dtype), dtype, what)
     config = model.config.to_dict()
     config["quantization_config"] = quantization_config(layers)
     config["torch_dtype"] = str(dtype).removeprefix("torch.")
-    with atomic_folder(out_dir, is_ct_export, overwrite, "GPTQ (compressed-tensors) export") as tmp:
-        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp / "model.safetensors",
-                  metadata={"format": "pt", "producer": CT_MARKER})  # fmt: skip
-        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-    return Path(out_dir)
+    return write_format_folder(out_dir, tensors, config, tokenizer, CT_MARKER, overwrite, what)
 
 
 def is_ct_export(path: Path) -> bool:

@@ -14,17 +14,15 @@ in ``config.json``'s ``quantization``); embeddings, norms and a float head stay 
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 from transformers import PreTrainedModel
 
-from dlqat.fileio import atomic_folder, safetensors_producer
-from dlqat.layers import QuantizedEmbedding, QuantizedLinear
+from dlqat.export.serving import format_tensors, write_format_folder
+from dlqat.fileio import safetensors_producer
+from dlqat.layers import QuantizedLinear
 from dlqat.quant import resolve_group_size
-from dlqat.surgery import unique_state_dict
 
 MLX_GROUP_SIZES = (32, 64, 128)
 MLX_BITS = (2, 3, 4, 5, 6, 8)
@@ -64,29 +62,14 @@ def export_mlx(
     model: PreTrainedModel, tokenizer, out_dir: str | Path, dtype: torch.dtype = torch.bfloat16, overwrite: bool = False
 ) -> Path:
     """Write a converted model (``QuantizedLinear`` layers) as an mlx-lm folder, atomically."""
-    if isinstance(model.get_input_embeddings(), QuantizedEmbedding):
-        raise ValueError("MLX export: the embedding table is quantized here; export from the run folder instead")
-    layers = {n: m for n, m in model.named_modules() if isinstance(m, QuantizedLinear)}
-    tensors: dict[str, torch.Tensor] = {}
-    for name, layer in layers.items():
-        tensors.update(mlx_tensors(name, layer, dtype))
-    for name, tensor in unique_state_dict(model).items():
-        if name.rsplit(".", 1)[0] not in layers:  # the quantized layers are written above
-            tensors[name] = tensor.to(dtype) if tensor.is_floating_point() else tensor
+    tensors, layers = format_tensors(model, lambda n, m: mlx_tensors(n, m, dtype), dtype, "MLX export")
     config = model.config.to_dict()
     config.pop("quantization_config", None)
     per_layer = {name: {"group_size": resolve_group_size(m.group_size, m.in_features), "bits": m.n_bits}
                  for name, m in layers.items()}  # fmt: skip
-    first = next(iter(per_layer.values()))
-    config["quantization"] = {**first, "mode": "affine", **per_layer}
+    config["quantization"] = {**next(iter(per_layer.values())), "mode": "affine", **per_layer}
     config["torch_dtype"] = str(dtype).removeprefix("torch.")
-    with atomic_folder(out_dir, is_mlx_export, overwrite, "MLX export") as tmp:
-        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp / "model.safetensors",
-                  metadata={"format": "mlx", "producer": MLX_MARKER})  # fmt: skip
-        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-    return Path(out_dir)
+    return write_format_folder(out_dir, tensors, config, tokenizer, MLX_MARKER, overwrite, "MLX export")
 
 
 def is_mlx_export(path: Path) -> bool:
