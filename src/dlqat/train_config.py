@@ -86,10 +86,10 @@ class TrainConfig:
     )
     kv_bits: int | None = field(default=None, metadata={"help": "fake-quantize k/v projections per token (KV8: 8)"})
     loss: str = field(
-        default="ce",
+        default="auto",
         metadata={
             "help": "ce (next-token cross-entropy), kd (KL to the float model: the same weights with quantizers "
-            "and adapters off, or --teacher), kd+ce (their sum)"
+            "and adapters off, or --teacher), kd+ce (their sum); auto: kd for dl_qat and l4q, ce otherwise"
         },
     )
     kd_temperature: float = field(default=1.0, metadata={"help": "softmax temperature of the kd loss"})
@@ -123,11 +123,11 @@ class TrainConfig:
             value = getattr(self, name)
             if value is not None and not 2 <= value <= 8:
                 raise ValueError(f"{name}={value!r}: expected 2..8 bits or unset (per-token codes are int8 at most)")
-        if self.loss not in LOSSES:
-            raise ValueError(f"loss={self.loss!r}: expected one of {', '.join(LOSSES)}")
+        if self.loss not in (*LOSSES, "auto"):
+            raise ValueError(f"loss={self.loss!r}: expected auto or one of {', '.join(LOSSES)}")
         if not self.kd_temperature > 0:
             raise ValueError(f"kd_temperature={self.kd_temperature!r}: expected a positive number")
-        if self.teacher is not None and self.loss == "ce":
+        if self.teacher is not None and self.loss in ("ce", "auto"):
             raise ValueError(f"teacher={self.teacher!r} needs --loss kd or kd+ce (loss=ce uses no teacher)")
         try:
             steps = self.curve_steps
@@ -158,6 +158,10 @@ def resolve_defaults(method_cfg: M, cfg: TrainConfig) -> tuple[M, TrainConfig]:
     defaults = dict(DEMO_DEFAULTS if cfg.is_demo else RUN_DEFAULTS)
     if getattr(method_cfg, "clip_mode", None) in ("dynamic", "joint"):
         defaults.update(phase1_steps=0, phase2_steps=defaults["phase1_steps"] + defaults["phase2_steps"])
+    if cfg.loss == "auto":
+        from dlqat.methods import handler
+
+        cfg = replace(cfg, loss=handler(method_cfg).default_loss(method_cfg))
     return _filled(method_cfg, defaults), _filled(cfg, defaults)
 
 

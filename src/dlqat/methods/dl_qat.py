@@ -103,5 +103,8 @@ class DLQAT(QuantMethod):
         schedule.append(Phase("phase2: " + "/".join(phase2), cfg.phase2_steps, cfg.lr, param_of(*phase2), quant_lrs))
         return schedule
 
+    def default_loss(self, cfg: QuantMethodConfig) -> str:
+        return "kd"  # measured: lower held-out perplexity than ce at every lr tried (README, recipe study)
+
     def starts_at(self, cfg: DLQATConfig) -> str:
         return cfg.start_label(cfg.init)

@@ -44,5 +44,8 @@ class L4Q(QuantMethod):
         quant_lrs = {"scale": cfg.quant_lr, "offset": cfg.quant_lr}
         return [Phase("l4q: lora_a/lora_b/scale/offset", cfg.steps, cfg.lr, trains, quant_lrs)]
 
+    def default_loss(self, cfg: QuantMethodConfig) -> str:
+        return "kd"  # measured: lower held-out perplexity than ce at every lr tried (README, recipe study)
+
     def starts_at(self, cfg: L4QConfig) -> str:
         return cfg.start_label(cfg.init)

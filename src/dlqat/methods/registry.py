@@ -39,6 +39,11 @@ class QuantMethod:
     ) -> None:
         """Post-training work on the trained model (e.g. GPTQ on calibration batches); default: none."""
 
+    def default_loss(self, cfg: QuantMethodConfig) -> str:
+        """The loss ``--loss auto`` means for this method (``kd`` where distilling from the float model
+        helps; ``ce`` where there is no float teacher in the model or the student starts equal to it)."""
+        return "ce"
+
     def starts_at(self, cfg: QuantMethodConfig) -> str | None:
         """The named PTQ result the prepared, untrained model computes exactly (``"rtn"``), or None."""
         return "rtn"
