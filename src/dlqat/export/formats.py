@@ -59,14 +59,7 @@ def export(
     out = Path(out)
     if out.resolve() == src.resolve() or src.resolve() in out.resolve().parents:
         raise ValueError(f"out={str(out)!r}: is the model being exported (or inside it); choose another path")
-    if fmt == "gguf":
-        check_file_target(out, is_gguf_file, overwrite, "GGUF file")
-    elif fmt == "mlx":
-        check_folder_target(out, is_mlx_export, overwrite, "MLX export")
-    elif fmt in ("compressed-tensors", "gptq"):
-        check_folder_target(out, is_ct_export, overwrite, "GPTQ (compressed-tensors) export")
-    else:
-        check_folder_target(out, is_export, overwrite, "dlqat export")
+    _check_target(fmt, out, overwrite)
     if fmt != "dlqat" and meta.get("embedding"):
         raise ValueError(f"{src}: its embedding table is quantized; export {fmt} from the run folder instead")
     model, tokenizer = load_quantized(src)
@@ -84,3 +77,15 @@ def export(
     if template and not Path(template).is_file():
         raise FileNotFoundError(f"template={template!r}: GGUF file not found")
     return export_gguf(model, tokenizer, out, template, overwrite=overwrite)
+
+
+def _check_target(fmt: str, out: Path, overwrite: bool) -> None:
+    """Before any work: ``out`` must be new, empty, or (with ``overwrite``) an export of this format."""
+    if fmt == "gguf":
+        check_file_target(out, is_gguf_file, overwrite, "GGUF file")
+    elif fmt == "mlx":
+        check_folder_target(out, is_mlx_export, overwrite, "MLX export")
+    elif fmt in ("compressed-tensors", "gptq"):
+        check_folder_target(out, is_ct_export, overwrite, "GPTQ (compressed-tensors) export")
+    else:
+        check_folder_target(out, is_export, overwrite, "dlqat export")
