@@ -4,7 +4,7 @@ compute what we trained?) and its decode speed, in one run.
     python bench/serve.py --run runs/serve-w4g64      # a finished `dlqat train` run (group size 32/64/128)
 
 Rows: dlqat's own runtime in transformers (packed codes, int4 kernels), and mlx-lm on the MLX export
-(fp32 and bf16 storage). Perplexity: token-level, ``--windows`` x 512 tokens of held-out wiki.utf8.
+(``--mlx_dtypes``; fp32 by default: MLX's CPU backend has no native bf16 on AVX2 machines). Perplexity: token-level, ``--windows`` x 512 tokens of held-out wiki.utf8.
 Decode: greedy, batch 1, ``--new_tokens`` after a 16-token prompt, tokens/s of the generation alone.
 """
 
@@ -36,7 +36,12 @@ def dlqat_row(run: Path, ids: list[int], args) -> list:
         start = time.perf_counter()
         model.generate(prompt, max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, do_sample=False,
                        pad_token_id=tokenizer.pad_token_id)  # fmt: skip
-    return ["transformers + dlqat (int4 kernels)", "dlqat", f"{ppl:.3f}", f"{args.new_tokens / (time.perf_counter() - start):.1f}"]
+    return [
+        "transformers + dlqat (int4 kernels)",
+        "dlqat",
+        f"{ppl:.3f}",
+        f"{args.new_tokens / (time.perf_counter() - start):.1f}",
+    ]
 
 
 def mlx_row(run: Path, ids: list[int], dtype: str, args) -> list:
@@ -70,15 +75,23 @@ def main() -> None:
     parser.add_argument("--run", required=True, help="finished run folder (group size 32, 64 or 128)")
     parser.add_argument("--windows", type=int, default=4)
     parser.add_argument("--new_tokens", type=int, default=64)
+    parser.add_argument(
+        "--mlx_dtypes", default="fp32", help="MLX storage dtypes to time (bf16 is emulated, ~7x slower, on AVX2 CPUs)"
+    )
     args = parser.parse_args()
     torch.set_num_threads(2)
     run = Path(args.run)
     _, tokenizer = load(run / "quantized")
     ids = tokenize_text(read_text(resources.default_eval_text()), tokenizer)
-    rows = [dlqat_row(run, ids, args)]
-    for dtype in ("fp32", "bf16"):
-        rows.append(mlx_row(run, ids, dtype, args))
-    print(markdown_table(["engine", "format", f"perplexity ({args.windows} x 512 wiki)", "decode tok/s"], rows))
+    head = ["engine", "format", f"perplexity ({args.windows} x 512 wiki)", "decode tok/s"]
+    rows = []
+    for make in [
+        lambda: dlqat_row(run, ids, args),
+        *(lambda d=d: mlx_row(run, ids, d, args) for d in args.mlx_dtypes.split(",")),
+    ]:
+        rows.append(make())
+        print(rows[-1], flush=True)
+    print(markdown_table(head, rows))
 
 
 if __name__ == "__main__":

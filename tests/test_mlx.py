@@ -33,10 +33,14 @@ def test_our_packing_is_mlx_affine_packing(n_bits):
 
 
 @pytest.fixture()
-def quantized_tiny(tiny_model_dir, tokenizer):
-    from transformers import AutoModelForCausalLM
+def quantized_tiny():
+    from transformers import LlamaConfig, LlamaForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    from conftest import TINY
+
+    torch.manual_seed(0)  # SmolLM2's rotary base, not the default 10000 (transformers 5 nests it in rope_parameters)
+    rope = {"rope_type": "default", "rope_theta": 100000.0}
+    model = LlamaForCausalLM(LlamaConfig(**TINY, tie_word_embeddings=True, rope_parameters=rope)).eval()
     prepare(model, DLQATConfig(n_bits=3, group_size=32, rank=2))
     with torch.no_grad():
         for name, p in model.named_parameters():

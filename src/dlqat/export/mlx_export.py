@@ -63,13 +63,25 @@ def export_mlx(
 ) -> Path:
     """Write a converted model (``QuantizedLinear`` layers) as an mlx-lm folder, atomically."""
     tensors, layers = format_tensors(model, lambda n, m: mlx_tensors(n, m, dtype), dtype, "MLX export")
-    config = model.config.to_dict()
-    config.pop("quantization_config", None)
+    config = mlx_config(model.config.to_dict())
     per_layer = {name: {"group_size": resolve_group_size(m.group_size, m.in_features), "bits": m.n_bits}
                  for name, m in layers.items()}  # fmt: skip
     config["quantization"] = {**next(iter(per_layer.values())), "mode": "affine", **per_layer}
     config["torch_dtype"] = str(dtype).removeprefix("torch.")
     return write_format_folder(out_dir, tensors, config, tokenizer, MLX_MARKER, overwrite, "MLX export")
+
+
+def mlx_config(config: dict) -> dict:
+    """transformers 5 keeps ``rope_theta`` (and scaling) under ``rope_parameters``; mlx-lm reads the
+    older top-level keys and would fall back to theta 10000 (SmolLM2 uses 100000): write both."""
+    config = dict(config)
+    config.pop("quantization_config", None)
+    rope = config.get("rope_parameters") or {}
+    if "rope_theta" in rope:
+        config["rope_theta"] = rope["rope_theta"]
+    if rope.get("rope_type", "default") != "default":
+        config["rope_scaling"] = {k: v for k, v in rope.items() if k != "rope_theta"}
+    return config
 
 
 def is_mlx_export(path: Path) -> bool:
