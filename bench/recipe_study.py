@@ -27,6 +27,8 @@ RECIPES = {
     "kd-lr2e-4": ["--loss", "kd", "--lr", "2e-4", "--quant_lr", "1e-4"],
     "kd-lr1e-3": ["--loss", "kd", "--lr", "1e-3", "--quant_lr", "1e-4"],
     "kd-lr2e-3": ["--loss", "kd", "--lr", "2e-3", "--quant_lr", "1e-4"],
+    "kd-lr4e-3": ["--loss", "kd", "--lr", "4e-3", "--quant_lr", "1e-4"],
+    "kd-lr2e-3-mse": ["--loss", "kd", "--lr", "2e-3", "--quant_lr", "1e-4", "--init", "mse"],
     "kd-lr1e-3-q2e-4": ["--loss", "kd", "--lr", "1e-3", "--quant_lr", "2e-4"],
     "kd-lr1e-3-q1e-3": ["--loss", "kd", "--lr", "1e-3", "--quant_lr", "1e-3"],
     "kd-lr1e-3-joint": ["--loss", "kd", "--lr", "1e-3", "--quant_lr", "1e-4", "--clip_mode", "joint"],
