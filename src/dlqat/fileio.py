@@ -42,18 +42,25 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
     fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     tmp = Path(name)
-    try:
+    with _removed_on_failure(tmp, path):
         write(tmp)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    return path
+
+
+@contextmanager
+def _removed_on_failure(tmp: Path, target: Path) -> Iterator[None]:
+    """Delete the temporary ``tmp`` if the block fails; an OSError is re-raised naming ``target``."""
+    try:
+        yield
     except OSError as err:
         _remove_quietly(tmp)
-        raise _describe(err, path) from err
+        raise _describe(err, target) from err
     except BaseException:
         _remove_quietly(tmp)
         raise
-    return path
 
 
 def atomic_write_text(path: str | Path, text: str) -> Path:
@@ -77,21 +84,20 @@ def atomic_folder(target: str | Path, is_ours: Callable[[Path], bool], overwrite
     check_folder_target(target, is_ours, overwrite, what)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp"))
-    try:
+    with _removed_on_failure(tmp, target):
         yield tmp
-        old = None
-        if target.exists():
-            old = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.", suffix=".old"))
-            os.replace(target, old / "content")  # a rename: nothing is deleted yet
-        os.replace(tmp, target)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    except OSError as err:
-        _remove_quietly(tmp)
-        raise _describe(err, target) from err
-    except BaseException:
-        _remove_quietly(tmp)
-        raise
+        if not target.exists():
+            os.replace(tmp, target)
+            return
+        old = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.", suffix=".old"))
+        os.replace(target, old / "content")  # a rename: nothing is deleted yet
+        try:
+            os.replace(tmp, target)
+        except BaseException:
+            os.replace(old / "content", target)  # put the previous folder back
+            old.rmdir()
+            raise
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def check_folder_target(target: Path, is_ours: Callable[[Path], bool], overwrite: bool, what: str) -> None:
