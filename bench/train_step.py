@@ -1,6 +1,6 @@
 """Training-step time and peak memory: is quantization-aware LoRA as cheap as LoRA?
 
-    python bench/train_step.py [--model PATH] [--batch 2] [--seq 256] [--steps 3] [--rounds 2] [--variants abcdefg]
+    python bench/train_step.py [--model PATH] [--batch 2] [--seq 256] [--steps 3] [--rounds 2] [--variants abcdefgh]
 
 Same model, batch and sequence length for every variant, each in its own process (peak memory is that
 process's peak resident set on CPU, or peak allocated on CUDA):
@@ -11,6 +11,7 @@ process's peak resident set on CPU, or peak allocated on CUDA):
   (e) full-weight QAT (all linear weights trained through the fake quantizer)
   (f) L4Q with plain autograd instead of the lean backward (what the lean backward saves)
   (g) (c) with the quantized layers' elementwise work through torch.compile (``--compile``; compile time excluded)
+  (h) (c) with the distillation loss (``--loss kd``: a no-grad float-teacher forward, chunked KL on the head)
 The FLOP floor is 6 x linear parameters x tokens at this machine's fp32 matmul rate measured in the same run
 (best over every variant's process),
 shown against the whole step and against the target linear layers alone (each layer's forward + backward on
@@ -39,6 +40,7 @@ VARIANTS = {
     "e": "full-weight QAT",
     "f": "L4Q with plain autograd (no lean backward)",
     "g": "dlqat DL-QAT phase 2, torch.compile",
+    "h": "dlqat DL-QAT phase 2, kd loss",
 }
 
 
@@ -80,7 +82,7 @@ def build(variant: str, model: nn.Module, n_bits: int, group_size: int, rank: in
         )
         set_trainable(model, lambda n: n.rsplit(".", 1)[-1] in ("lora_a", "lora_b"))
         return model
-    method = {"c": "dl_qat", "d": "l4q", "e": "full_qat", "f": "l4q", "g": "dl_qat"}[variant]
+    method = {"c": "dl_qat", "d": "l4q", "e": "full_qat", "f": "l4q", "g": "dl_qat", "h": "dl_qat"}[variant]
     extra = {"rank": rank} if variant != "e" else {}
     extra.update({"phase1_steps": 0, "phase2_steps": 1} if method == "dl_qat" else {"steps": 1})
     cfg = make_config(method, n_bits=n_bits, group_size=group_size, **extra)
@@ -170,9 +172,19 @@ def run_variant(args) -> dict:
         torch.autocast("cuda", dtype=torch.bfloat16) if device == "cuda" else torch.autocast("cpu", enabled=False)
     )
 
+    if args.variant == "h":  # the training loop's distillation objective, per token like the ce loss
+        from dlqat.losses import Objective
+
+        objective = Objective(model, "kd", 1.0)
+        batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
+        n_predicted = ids[:, 1:].numel()
+        forward = lambda: objective(model, batch) / n_predicted  # noqa: E731
+    else:
+        forward = lambda: model(input_ids=ids, labels=ids).loss  # noqa: E731
+
     def step():
         with autocast:
-            loss = model(input_ids=ids, labels=ids).loss
+            loss = forward()
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -216,7 +228,7 @@ def main() -> None:
     parser.add_argument("--bits", type=int, default=4)
     parser.add_argument("--group-size", type=int, default=128)
     parser.add_argument("--rank", type=int, default=16)
-    parser.add_argument("--variants", default="abcdefg")
+    parser.add_argument("--variants", default="abcdefgh")
     parser.add_argument("--variant", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--output", default=None)
     args = parser.parse_args()

@@ -66,7 +66,7 @@ def test_dynamic_mode_has_no_scale_parameters_and_tracks_merged_weight():
         "weight",
         "lora_a",
         "lora_b",
-        "magnitude",
+        "quantizer.magnitude",  # the WeightQuantizer owns the quantizer's parameters
     }
     with torch.no_grad():
         layer.lora_b.normal_()

@@ -6,47 +6,22 @@ the low-bit weight that ships.
 
 from __future__ import annotations
 
-from enum import Enum
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from dlqat.layers.act_quant import ActQuant
-from dlqat.quant import (
-    FLOAT,
-    Storage,
-    apply_magnitude,
-    fake_quantize,
-    integer_offset,
-    merge_lora,
-    minmax_scale_offset,
-    mse_scale_offset,
-    n_groups,
-    quantize,
-)
+from dlqat.layers.weight_quantizer import INITS, ClipMode, WeightQuantizer
+from dlqat.quant import FLOAT, Storage, merge_lora
 from dlqat.quant.lean_linear import lean_qlora_linear
 
 
-class ClipMode(str, Enum):
-    """Where the clipping range (scale, offset) comes from (DL-QAT paper, Table 3)."""
-
-    DYNAMIC = "dynamic"  # min/max of the current merged weight every step, never trained
-    LEARN_THEN_FIX = "learn_then_fix"  # DL-QAT: trained alone in phase 1, frozen in phase 2
-    JOINT = "joint"  # trained together with A, B (and m) in phase 2 (L4Q-style)
-
-
-# Where scale/offset start: min/max (the untrained layer is RTN) or the clipping search of
-# ``mse_scale_offset`` (the untrained layer is RTN with MSE-searched ranges).
-INITS = ("minmax", "mse")
-
-
 class QuantLoRALinear(ActQuant, nn.Module):
-    """Frozen ``W0`` (shared with the source ``nn.Linear``), LoRA ``A``/``B``, ``scale``/``offset``
-    per group, and DL-QAT's per-group magnitude ``m``.
+    """Frozen ``W0`` (shared with the source ``nn.Linear``), LoRA ``A``/``B``, and a ``WeightQuantizer``
+    (``quantizer``: scale/offset per group, DL-QAT's magnitude ``m``, clip mode, storage).
 
     Shapes: ``weight (out, in)``, ``lora_a (rank, in)``, ``lora_b (out, rank)``,
-    ``scale``/``offset``/``magnitude`` ``(out, n_groups)``.
+    ``quantizer.scale``/``offset``/``magnitude`` ``(out, n_groups)`` (also readable as ``self.scale`` ...).
     """
 
     # True inside ``dlqat.losses.float_teacher``: compute with the frozen W0 alone (the float model)
@@ -66,15 +41,11 @@ class QuantLoRALinear(ActQuant, nn.Module):
         storage: Storage = FLOAT,
     ) -> None:
         super().__init__()
-        if init not in INITS:
-            raise ValueError(f"init={init!r}: expected one of {', '.join(INITS)}")
         out_features, in_features = weight.shape
         self.in_features, self.out_features = in_features, out_features
         self.n_bits, self.group_size = n_bits, group_size
         self.rank, self.alpha, self.scaling = rank, alpha, alpha / rank
-        self.clip_mode = ClipMode(clip_mode)
         self.quantize_enabled = True
-        self.storage = storage  # how the export stores scale/offset (dtype, integer zero point)
         # Lean: save only x and small tensors for backward (same outputs and gradients as autograd).
         self.lean = True
         weight.requires_grad_(False)
@@ -82,56 +53,30 @@ class QuantLoRALinear(ActQuant, nn.Module):
         if bias is not None:
             bias.requires_grad_(False)
         factory = {"device": weight.device, "dtype": weight.dtype}
-        # PEFT's "gaussian" init for A; B = 0 so the layer starts exactly at RTN(W0).
+        # PEFT's "gaussian" init for A; B = 0 so the layer starts exactly at the quantizer's RTN(W0).
         self.lora_a = nn.Parameter(torch.randn(rank, in_features, **factory) / rank)
         self.lora_b = nn.Parameter(torch.zeros(out_features, rank, **factory))
-        groups = (out_features, n_groups(in_features, group_size))
-        self.magnitude = nn.Parameter(torch.ones(groups, **factory)) if use_magnitude else None
-        if self.clip_mode is ClipMode.DYNAMIC:
-            self.scale = self.offset = None
-        else:
-            scale, offset = self._minmax(weight) if init == "minmax" else self._mse(weight)
-            self.scale, self.offset = nn.Parameter(scale), nn.Parameter(offset)
+        self.quantizer = WeightQuantizer(weight, n_bits, group_size, use_magnitude, clip_mode, init, storage)
+
+    # The quantizer's state, readable where the layer is used as a whole (tests, exports, benches).
+    scale = property(lambda self: self.quantizer.scale)
+    offset = property(lambda self: self.quantizer.offset)
+    magnitude = property(lambda self: self.quantizer.magnitude)
+    clip_mode = property(lambda self: self.quantizer.clip_mode)
+    storage = property(lambda self: self.quantizer.storage)
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, **kwargs) -> QuantLoRALinear:
         return cls(linear.weight, linear.bias, **kwargs)
 
-    def _minmax(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if w.device.type == "meta":
-            shape = (self.out_features, n_groups(self.in_features, self.group_size))
-            return torch.empty(shape, device="meta", dtype=w.dtype), torch.empty(shape, device="meta", dtype=w.dtype)
-        with torch.no_grad():
-            return minmax_scale_offset(w.detach(), self.n_bits, self.group_size)
-
-    def _mse(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if w.device.type == "meta":
-            return self._minmax(w)
-        with torch.no_grad():
-            return mse_scale_offset(w.detach(), self.n_bits, self.group_size)
-
     def merged_weight(self) -> torch.Tensor:
         """``W0 + scaling * B @ A``, ``(out, in)``."""
         return merge_lora(self.weight, self.lora_a, self.lora_b, self.scaling)
 
-    def scale_offset(self, merged: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The clipping range the codes come from (with ``storage.int_zero``: an integer zero point)."""
-        if self.clip_mode is ClipMode.DYNAMIC:
-            with torch.no_grad():
-                scale, offset = self._minmax(merged)
-        else:
-            scale, offset = self.scale, self.offset
-        if self.storage.int_zero:
-            offset = integer_offset(scale, offset, self.n_bits)
-        return scale, offset
-
     def quantized_weight(self) -> torch.Tensor:
         """The float weight this layer computes with (``m * Q(W0 + sBA)``, or unquantized when off)."""
         merged = self.merged_weight()
-        if not self.quantize_enabled:
-            return merged
-        scale, offset = self.scale_offset(merged)
-        return fake_quantize(merged, scale, offset, self.n_bits, self.group_size, self.magnitude, self.storage)
+        return self.quantizer.fake_quantize(merged) if self.quantize_enabled else merged
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.float_forward:
@@ -141,7 +86,7 @@ class QuantLoRALinear(ActQuant, nn.Module):
     def _linear(self, x: torch.Tensor) -> torch.Tensor:
         if self.lean and self.quantize_enabled:
             merged = self.merged_weight().detach() if self.clip_mode is ClipMode.DYNAMIC else None
-            scale, offset = self.scale_offset(merged)
+            scale, offset = self.quantizer.range(merged)
             return lean_qlora_linear(
                 x, self.weight, self.lora_a, self.lora_b, scale, offset, self.magnitude, self.bias, self.scaling,
                 self.n_bits, self.group_size, self.storage,
@@ -154,18 +99,13 @@ class QuantLoRALinear(ActQuant, nn.Module):
     def to_codes(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Final weight as integer codes ``q`` (int8, ``(out, in)``) and the per-group ``scale``
         and ``offset`` with the magnitude folded in: ``W = scale * q + offset``."""
-        merged = self.merged_weight()
-        scale, offset = self.scale_offset(merged)
-        q = quantize(merged, scale, offset, self.n_bits, self.group_size)
-        scale, offset = apply_magnitude(scale, offset, self.magnitude, self.storage)
-        return q.to(torch.int8), scale, offset
+        return self.quantizer.codes(self.merged_weight())
 
     def extra_repr(self) -> str:
         return (
             f"in={self.in_features}, out={self.out_features}, n_bits={self.n_bits}, "
-            f"group_size={self.group_size}, rank={self.rank}, scaling={self.scaling:g}, "
-            f"magnitude={self.magnitude is not None}, clip_mode={self.clip_mode.value}"
+            f"group_size={self.group_size}, rank={self.rank}, scaling={self.scaling:g}"
         )
 
 
-__all__ = ["INITS", "ClipMode", "QuantLoRALinear"]
+__all__ = ["INITS", "ClipMode", "QuantLoRALinear", "WeightQuantizer"]

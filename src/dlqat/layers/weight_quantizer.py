@@ -1,0 +1,100 @@
+"""The group quantizer of one weight, as a module: its clipping range (``scale``, ``offset``), DL-QAT's
+per-group ``magnitude``, where the range comes from (``clip_mode``) and how the export stores it
+(``storage``). ``QuantLoRALinear`` composes one; the math is ``dlqat.quant``'s."""
+
+from __future__ import annotations
+
+from enum import Enum
+
+import torch
+from torch import nn
+
+from dlqat.quant import (
+    FLOAT,
+    Storage,
+    apply_magnitude,
+    fake_quantize,
+    integer_offset,
+    minmax_scale_offset,
+    mse_scale_offset,
+    n_groups,
+    quantize,
+)
+
+
+class ClipMode(str, Enum):
+    """Where the clipping range (scale, offset) comes from (DL-QAT paper, Table 3)."""
+
+    DYNAMIC = "dynamic"  # min/max of the current merged weight every step, never trained
+    LEARN_THEN_FIX = "learn_then_fix"  # DL-QAT: trained alone in phase 1, frozen in phase 2
+    JOINT = "joint"  # trained together with A, B (and m) in phase 2 (L4Q-style)
+
+
+# Where scale/offset start: min/max (the untrained layer is RTN) or the clipping search of
+# ``mse_scale_offset`` (the untrained layer is RTN with MSE-searched ranges).
+INITS = ("minmax", "mse")
+
+
+class WeightQuantizer(nn.Module):
+    """Parameters ``scale``/``offset`` (None with ``clip_mode=dynamic``) and ``magnitude`` (None when
+    off), each ``(out, n_groups)``, initialised from ``weight (out, in)``."""
+
+    def __init__(
+        self,
+        weight: torch.Tensor,
+        n_bits: int,
+        group_size: int,
+        use_magnitude: bool = True,
+        clip_mode: ClipMode | str = ClipMode.LEARN_THEN_FIX,
+        init: str = "minmax",
+        storage: Storage = FLOAT,
+    ) -> None:
+        super().__init__()
+        if init not in INITS:
+            raise ValueError(f"init={init!r}: expected one of {', '.join(INITS)}")
+        self.n_bits, self.group_size = n_bits, group_size
+        self.clip_mode, self.storage = ClipMode(clip_mode), storage
+        groups = (weight.shape[0], n_groups(weight.shape[1], group_size))
+        factory = {"device": weight.device, "dtype": weight.dtype}
+        self.magnitude = nn.Parameter(torch.ones(groups, **factory)) if use_magnitude else None
+        if self.clip_mode is ClipMode.DYNAMIC:
+            self.scale = self.offset = None
+        else:
+            scale, offset = self.initial_range(weight, init)
+            self.scale, self.offset = nn.Parameter(scale), nn.Parameter(offset)
+
+    def initial_range(self, w: torch.Tensor, init: str = "minmax") -> tuple[torch.Tensor, torch.Tensor]:
+        """Min/max or searched ``(scale, offset)`` of ``w`` (no gradient; shapes only on meta)."""
+        if w.device.type == "meta":
+            shape = (w.shape[0], n_groups(w.shape[1], self.group_size))
+            return torch.empty(shape, device="meta", dtype=w.dtype), torch.empty(shape, device="meta", dtype=w.dtype)
+        search = minmax_scale_offset if init == "minmax" else mse_scale_offset
+        with torch.no_grad():
+            return search(w.detach(), self.n_bits, self.group_size)
+
+    def range(self, merged: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The clipping range the codes come from (dynamic: of ``merged``; with ``storage.int_zero``
+        the offset is ``-scale * z``, ``z`` an integer)."""
+        scale, offset = self.initial_range(merged) if self.clip_mode is ClipMode.DYNAMIC else (self.scale, self.offset)
+        if self.storage.int_zero:
+            offset = integer_offset(scale, offset, self.n_bits)
+        return scale, offset
+
+    def fake_quantize(self, merged: torch.Tensor) -> torch.Tensor:
+        """The float weight the quantized layer computes with (straight-through in ``merged``)."""
+        scale, offset = self.range(merged)
+        return fake_quantize(merged, scale, offset, self.n_bits, self.group_size, self.magnitude, self.storage)
+
+    @torch.no_grad()
+    def codes(self, merged: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Integer codes ``q`` (int8, ``(out, in)``) and the final per-group ``scale``/``offset`` (the
+        magnitude folded in, rounded as stored): ``W = scale * q + offset``."""
+        scale, offset = self.range(merged)
+        q = quantize(merged, scale, offset, self.n_bits, self.group_size)
+        return q.to(torch.int8), *apply_magnitude(scale, offset, self.magnitude, self.storage)
+
+    def extra_repr(self) -> str:
+        return (
+            f"n_bits={self.n_bits}, group_size={self.group_size}, magnitude={self.magnitude is not None}, "
+            f"clip_mode={self.clip_mode.value}, storage={self.storage}"
+        )
