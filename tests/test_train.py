@@ -161,7 +161,8 @@ def test_eval_at_writes_a_curve_on_every_text(tiny_model_dir, text_file, tmp_pat
     rows = [json.loads(line) for line in (tmp_path / "run" / "curve.jsonl").read_text().splitlines()]
     assert [(r["step"], r["text"]) for r in rows] == [(s, t) for s in (2, 5, 15) for t in ("train.txt", "other.txt")]
     by_text = results["perplexity_by_text"]
-    assert set(by_text) == {"train.txt", "other.txt"} and set(by_text["other.txt"]) == {"float", "rtn", "dl_qat"}
+    assert set(by_text) == {"train.txt", "other.txt"}
+    assert set(by_text["other.txt"]) == {"float", "rtn-mse", "rtn", "dl_qat"}  # start (default init mse) + RTN row
     assert by_text["train.txt"]["dl_qat"] == results["perplexity"]["dl_qat"]
     # the last curve point is the trained model before conversion: the export computes the same
     assert rows[-1]["perplexity"] == pytest.approx(by_text["other.txt"]["dl_qat"], rel=1e-6)

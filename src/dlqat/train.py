@@ -24,6 +24,7 @@ from dlqat.eval.report import write_results
 from dlqat.export import convert, save_quantized
 from dlqat.fileio import atomic_write, atomic_write_json
 from dlqat.layers import set_act_quant
+from dlqat.layers.weight_quantizer import minmax_ranges
 from dlqat.loop import Checkpointer, batches, quant_state, run_phases
 from dlqat.losses import Objective
 from dlqat.methods import QuantMethodConfig, count_parameters, handler
@@ -180,6 +181,9 @@ def _prepare(run: Run) -> None:
     start = run.method.starts_at(run.method_cfg)
     if start:  # e.g. DL-QAT: B = 0, m = 1, min/max scale/offset is exactly round-to-nearest
         evaluate(run, start)
+    if start == "rtn-mse" and "rtn" not in run.results["perplexity"]:  # searched start: keep the plain RTN row too
+        with minmax_ranges(run.model):
+            evaluate(run, "rtn")
     run.accelerator.wait_for_everyone()
     if run.ckpt:
         _, unexpected = run.model.load_state_dict(run.ckpt["quant_state"], strict=False)

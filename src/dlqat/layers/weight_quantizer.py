@@ -4,6 +4,8 @@ per-group ``magnitude``, where the range comes from (``clip_mode``) and how the 
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from enum import Enum
 
 import torch
@@ -98,3 +100,22 @@ class WeightQuantizer(nn.Module):
             f"n_bits={self.n_bits}, group_size={self.group_size}, magnitude={self.magnitude is not None}, "
             f"clip_mode={self.clip_mode.value}, storage={self.storage}"
         )
+
+
+@contextmanager
+def minmax_ranges(model: nn.Module) -> Iterator[int]:
+    """Inside the block every trainable range is min/max of its layer's frozen ``W0``: an untrained
+    model started from another ``init`` then computes plain RTN (the reference row every report keeps).
+    Yields how many quantizers were switched; their own ranges are back afterwards."""
+    saved = []
+    for module in model.modules():
+        quantizer = getattr(module, "quantizer", None)
+        if isinstance(quantizer, WeightQuantizer) and quantizer.scale is not None:
+            saved.append((quantizer, quantizer.scale.data, quantizer.offset.data))
+            scale, offset = quantizer.initial_range(module.weight, "minmax")
+            quantizer.scale.data, quantizer.offset.data = scale, offset
+    try:
+        yield len(saved)
+    finally:
+        for quantizer, scale, offset in saved:
+            quantizer.scale.data, quantizer.offset.data = scale, offset

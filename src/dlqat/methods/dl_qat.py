@@ -31,9 +31,12 @@ class DLQATConfig(QuantMethodConfig, StorageFields):
         default=ClipMode.LEARN_THEN_FIX.value,
         metadata={"help": f"clipping range: one of {_CLIP_MODES}"},
     )
-    init: str = field(
-        default="minmax",
-        metadata={"help": "scale/offset start: minmax (untrained = RTN) or mse (per-group clipping search)"},
+    init: str | None = field(
+        default=None,
+        metadata={
+            "help": "scale/offset start: mse (per-group clipping search; measured best, README; the default) or "
+            "minmax (untrained = RTN, the paper's; the only one with clip_mode=dynamic)"
+        },
     )
     phase1_steps: int | None = field(
         default=None,
@@ -58,7 +61,10 @@ class DLQATConfig(QuantMethodConfig, StorageFields):
     def __post_init__(self) -> None:
         if self.clip_mode not in _CLIP_MODES:
             raise ValueError(f"clip_mode={self.clip_mode!r}: expected one of {_CLIP_MODES}")
-        if self.clip_mode == ClipMode.DYNAMIC.value and self.init != "minmax":
+        dynamic = self.clip_mode == ClipMode.DYNAMIC.value
+        if self.init is None:  # dynamic ranges are min/max of the merged weight every step: nothing to search
+            self.init = "minmax" if dynamic else "mse"
+        if dynamic and self.init != "minmax":
             raise ValueError(f"init={self.init!r}: clip_mode=dynamic recomputes min/max every step; use init=minmax")
         if self.clip_mode != ClipMode.LEARN_THEN_FIX.value and self.phase1_steps:
             raise ValueError(
