@@ -138,7 +138,7 @@ def tiny_eval_args(path: Path, text_file: Path, output: Path, max_windows: int =
 
 def tiny_configs(tiny_model_dir, text_file, out, **overrides):
     """``(DLQATConfig, TrainConfig)`` for a seconds-long Python-API run (``overrides`` go to whichever has the field)."""
-    method = dict(n_bits=3, group_size=32, rank=4, phase1_steps=3, phase2_steps=12, lr=1e-2, quant_lr=1e-3)
+    method = dict(n_bits=3, group_size=32, rank=4, phase1_steps=3, phase2_steps=12, lr=1e-2, quant_lr=1e-3, init=None)
     run = dict(
         model=str(tiny_model_dir),
         data=str(text_file),

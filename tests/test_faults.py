@@ -23,6 +23,8 @@ def common(model, data, phase2_steps=4, loss="kd"):
     bits = ["--n_bits", "2"] if loss == "kd" else []
     return [
         *bits,
+        "--init",
+        "minmax",  # the engine tests compare float summation orders; pin the start they were tuned on
         "--loss",
         loss,
         "--model",
@@ -223,7 +225,7 @@ def test_nan_loss_stops_with_a_clear_message_and_keeps_the_checkpoint(tiny_model
     monkeypatch.setattr(QuantLoRALinear, "forward", poisoned)
     method, cfg = tiny_configs(
         tiny_model_dir, text_file, tmp_path / "nan", n_bits=4, rank=4, phase1_steps=2, phase2_steps=6, lr=2e-4,
-        quant_lr=1e-4, micro_batch_size=1, eval_max_windows=2, save_every=2,
+        quant_lr=1e-4, micro_batch_size=1, eval_max_windows=2, save_every=2, init="minmax",  # one RTN eval
     )  # fmt: skip
     with pytest.raises(FloatingPointError, match=r"loss became nan at step \d+ .*checkpoint.pt"):
         train(method, cfg)
