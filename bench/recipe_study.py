@@ -22,7 +22,7 @@ from dlqat import resources
 DOMAINS = {"technical": "selection", "wiki": "report", "tiny": "report"}
 # name -> dlqat train flags on top of the setting's; "paper" = the DL-QAT paper's recipe as shipped so far
 RECIPES = {
-    "paper": ["--loss", "ce", "--lr", "2e-4", "--quant_lr", "1e-4"],
+    "paper": ["--loss", "ce", "--lr", "2e-4", "--quant_lr", "1e-4", "--init", "minmax"],
     "ce-lr1e-3": ["--loss", "ce", "--lr", "1e-3", "--quant_lr", "1e-4"],
     "kd-lr2e-4": ["--loss", "kd", "--lr", "2e-4", "--quant_lr", "1e-4"],
     "kd-lr1e-3": ["--loss", "kd", "--lr", "1e-3", "--quant_lr", "1e-4"],
