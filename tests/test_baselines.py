@@ -290,3 +290,46 @@ def test_compare_draws_learning_curves_on_every_text(tiny_model_dir, text_file, 
     rtn_row = next(line for line in text.splitlines() if line.startswith("| rtn |"))
     assert rtn_row.split("|")[4] == rtn_row.split("|")[5]  # flat: no training
     assert (out / "curves.png").stat().st_size > 0
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+def test_gptq_start_untrained_equals_gptq(arch):
+    """DL-QAT ``init="gptq"``: before any step, every layer computes GPTQ's weight (GPTQ's codes, ranges),
+    and the model GPTQ's logits; training starts from GPTQ's updated, not-yet-rounded base weight."""
+    import copy
+
+    from dlqat import DLQATConfig, calibrate
+
+    model = tiny_model(arch).eval()
+    gptq = copy.deepcopy(model)
+    original = {n: m.weight.detach().clone() for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+    batches = [torch.randint(0, 300, (1, 16)) for _ in range(4)]
+    gptq_cfg = make_config("gptq", n_bits=3, group_size=32)
+    finalize(gptq, gptq_cfg, prepare(gptq, gptq_cfg), batches)
+    cfg = DLQATConfig(n_bits=3, group_size=32, rank=2, init="gptq")
+    names = prepare(model, cfg)
+    calibrate(model, cfg, names, batches)
+    for name in names:
+        ours, ref = model.get_submodule(name), gptq.get_submodule(name)
+        torch.testing.assert_close(ours.quantized_weight(), ref.dequantized_weight(), atol=1e-6, rtol=0, msg=name)
+        assert not torch.equal(ours.weight, original[name]), name  # the base moved to GPTQ's updated weight
+    ids = torch.randint(0, 300, (2, 16))
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, gptq(ids).logits, atol=1e-5, rtol=1e-5)
+    assert handler(cfg).starts_at(cfg) == "gptq" and not handler(cfg).float_teacher(cfg)
+
+
+def test_gptq_start_trains_and_reports_its_start(tiny_model_dir, text_file, tmp_path, capsys):
+    from dlqat.train import train
+    from dlqat.train_config import TrainConfig
+
+    cfg = make_config("dl_qat", n_bits=3, group_size=32, rank=2, init="gptq", phase1_steps=2, phase2_steps=6, lr=1e-2)
+    run = TrainConfig(model=str(tiny_model_dir), data=str(text_file), eval_data=str(text_file), seq_len=32,
+                      eval_seq_len=32, output_dir=str(tmp_path / "run"), progress=False, loss="ce")  # fmt: skip
+    ppl = train(cfg, run)["perplexity"]
+    assert set(ppl) == {"float", "rtn", "gptq", "dl_qat"}
+    assert ppl["dl_qat"] < ppl["gptq"]  # (a random tiny model: GPTQ vs RTN says nothing)
+    with pytest.raises(ValueError, match=r"a GPTQ start replaces it by GPTQ's\); give a separate --teacher"):
+        train(cfg, TrainConfig(**{**run.__dict__, "loss": "kd", "output_dir": str(tmp_path / "kd")}))
+    with pytest.raises(ValueError, match="init='gptq' with zero_point='int'"):
+        make_config("dl_qat", init="gptq", zero_point="int")

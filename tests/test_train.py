@@ -69,6 +69,22 @@ def test_killed_run_resumes_to_the_same_result(tiny_model_dir, text_file, tmp_pa
         torch.testing.assert_close(resumed[key], straight[key], atol=0, rtol=0, msg=key)
 
 
+def test_finished_run_resumed_with_a_longer_last_phase_equals_the_longer_run(tiny_model_dir, text_file, tmp_path):
+    """Curves that span sessions: a finished 3+8-step run, resumed with --phase2_steps 12, ends exactly
+    like a 3+12-step run (constant learning rate, data order fixed by seed and step); shrinking is refused."""
+    train(*tiny_configs(tiny_model_dir, text_file, tmp_path / "long", phase2_steps=12))
+    train(*tiny_configs(tiny_model_dir, text_file, tmp_path / "grown", phase2_steps=8))
+    train(*tiny_configs(tiny_model_dir, text_file, tmp_path / "grown", phase2_steps=12, resume=True))
+    long = load_file(tmp_path / "long" / "quant_state.safetensors")
+    grown = load_file(tmp_path / "grown" / "quant_state.safetensors")
+    for key in long:
+        torch.testing.assert_close(grown[key], long[key], atol=0, rtol=0, msg=key)
+    steps = [json.loads(line)["step"] for line in (tmp_path / "grown" / "train_log.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, 16))
+    with pytest.raises(ValueError, match="phase2_steps: 12 -> 10.*may grow"):
+        train(*tiny_configs(tiny_model_dir, text_file, tmp_path / "grown", phase2_steps=10, resume=True))
+
+
 def test_cli_train_then_eval_reproduces_the_reported_perplexity(tiny_model_dir, text_file, tmp_path, capsys):
     out = tmp_path / "cli"
     rc = main(

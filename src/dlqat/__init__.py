@@ -1,10 +1,25 @@
 """dlqat: quantization-aware low-rank fine-tuning that hands back a real low-bit model.
 
-Python API (every method, dispatched on its config's class): ``prepare``, ``phases``, ``finalize``,
-``convert``, ``save_quantized``/``load``, and ``fit`` for the whole run (what ``dlqat train`` runs).
+Python API (every method, dispatched on its config's class): ``prepare``, ``calibrate``, ``phases``,
+``finalize``, ``convert``, ``save_quantized``/``load``, and ``fit`` for the whole run (what ``dlqat train`` runs).
 """
 
-from dlqat.api import finalize, phases, prepare
+import logging as _logging
+
+# torchao (the [torchao] extra), which transformers imports when it is installed, logs every CUDA kernel
+# library it cannot load on a CPU-only machine, and torch warns about its enum registrations: noise on
+# every command, silenced for this one import.
+_noisy = {name: _logging.getLogger(name) for name in ("torchao", "torch.utils._pytree")}
+_levels = {name: logger.level for name, logger in _noisy.items()}
+for _logger in _noisy.values():
+    _logger.setLevel(_logging.ERROR)
+try:
+    import transformers.modeling_utils  # noqa: F401 (transformers imports torchao, when installed, here)
+finally:
+    for _name, _logger in _noisy.items():
+        _logger.setLevel(_levels[_name])
+
+from dlqat.api import calibrate, finalize, phases, prepare
 from dlqat.export import convert, hf_quantizer, load_quantized, save_quantized  # noqa: F401 (registers "dlqat")
 from dlqat.layers import ClipMode, QuantizedLinear, QuantLoRALinear, set_act_quant
 from dlqat.methods import (
@@ -44,6 +59,7 @@ __all__ = [
     "QuantizedLinear",
     "RTNConfig",
     "TrainConfig",
+    "calibrate",
     "convert",
     "finalize",
     "fit",

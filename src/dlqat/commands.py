@@ -71,8 +71,12 @@ class ExportConfig:
     """``dlqat export RUN --out OUT``: a trained run's low-bit model in a serving format."""
 
     run: str = field(default="", metadata={"help": "run folder (or its quantized/ folder)"})
-    out: str = field(default="", metadata={"help": "output folder (dlqat, mlx, compressed-tensors) or file (gguf)"})
-    format: str = field(default="dlqat", metadata={"help": "dlqat, gguf, mlx, compressed-tensors (alias gptq)"})
+    out: str = field(
+        default="", metadata={"help": "output folder (dlqat, mlx, torchao, compressed-tensors) or file (gguf)"}
+    )
+    format: str = field(
+        default="dlqat", metadata={"help": "dlqat, gguf, mlx, torchao (int4), compressed-tensors (alias gptq)"}
+    )
     dtype: str = field(
         default="bf16", metadata={"help": "fp32, bf16 or fp16: dlqat: non-quantized tensors; mlx/ct: every float"}
     )

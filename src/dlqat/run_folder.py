@@ -7,7 +7,8 @@ Rules (README "Safety"):
   containers only (plus the few DeepSpeed state classes a ZeRO checkpoint holds), so a planted
   pickle payload is refused, not run;
 - a checkpoint records the settings that define its run; ``--resume`` with any of them changed is
-  refused, naming each field (``RESUME_MAY_CHANGE`` lists those that may change);
+  refused, naming each field (``RESUME_MAY_CHANGE`` lists those that may change; the last phase's
+  step count may grow: a finished run trains on);
 - the training log is cut back to the checkpoint's step before a resumed run appends to it.
 """
 
@@ -38,6 +39,9 @@ RESUME_MAY_CHANGE = (
     "save_every", "progress", "compile", "gradient_checkpointing", "output_dir", "eval_at", "curve_eval_data",
 )  # fmt: skip
 _NOT_SETTINGS = ("resume", "overwrite")
+# The step count of a method's last phase may grow on resume: with a constant learning rate and a data
+# order fixed by seed and step, a longer run continued from a checkpoint is the run planned longer.
+RESUME_MAY_GROW = ("phase2_steps", "steps")
 
 
 class CheckpointError(ValueError):
@@ -88,14 +92,30 @@ def check_same_run(saved: dict | None, current: dict, ckpt: Path) -> None:
     for part in ("method_config", "train_config"):
         old, new = saved[part], current[part]
         for key in sorted(set(old) | set(new)):
-            if key not in RESUME_MAY_CHANGE + _NOT_SETTINGS and old.get(key) != new.get(key):
+            if key not in RESUME_MAY_CHANGE + _NOT_SETTINGS and not _same_setting(key, old.get(key), new.get(key)):
                 diffs.append(f"{key}: {old.get(key)!r} -> {new.get(key)!r}")
     if diffs:
         raise CheckpointError(
             f"{ckpt}: --resume with other settings than the run it continues: {'; '.join(diffs)}. Resume with the "
             f"run's settings (see {ckpt.with_name(CONFIG_FILE)}) or start a new run; only "
-            f"{', '.join(RESUME_MAY_CHANGE)} may change on resume"
+            f"{', '.join(RESUME_MAY_CHANGE)} may change on resume, and {' or '.join(RESUME_MAY_GROW)} may grow "
+            "(the last phase trains longer)"
         )
+
+
+_PATH_SETTINGS = ("model", "data", "eval_data", "teacher")
+
+
+def _same_setting(key: str, old, new) -> bool:
+    """Equal values, or two spellings of one existing file or folder (relative vs absolute, ``..``, links)."""
+    if old == new:
+        return True
+    if key in RESUME_MAY_GROW and isinstance(old, int) and isinstance(new, int):
+        return new > old
+    if key in _PATH_SETTINGS and isinstance(old, str) and isinstance(new, str):
+        a, b = Path(old).expanduser(), Path(new).expanduser()
+        return a.exists() and b.exists() and a.resolve() == b.resolve()
+    return False
 
 
 def _engine_classes() -> list:

@@ -47,8 +47,6 @@ from dlqat.sharding import is_fsdp, make_accelerator, optimizer_layout
 from dlqat.train_config import TrainConfig, resolve_defaults
 
 log = logging.getLogger(__name__)
-# Methods whose layers keep no frozen float weight to distil from (QA-LoRA: codes; full QAT: trains W0).
-_NO_SELF_TEACHER = ("qa_lora", "full_qat")
 
 
 def train(method_cfg: QuantMethodConfig, cfg: TrainConfig) -> dict:
@@ -124,10 +122,11 @@ def _accelerator(cfg: TrainConfig) -> Accelerator:
 def _load_inputs(run: Run, model, tokenizer, data) -> None:
     """Model (and teacher), training examples and evaluation tokens, each checked with a clear error."""
     cfg = run.cfg
-    if cfg.loss != "ce" and cfg.teacher is None and run.label in _NO_SELF_TEACHER:
+    if cfg.loss != "ce" and cfg.teacher is None and not run.method.float_teacher(run.method_cfg):
         raise ValueError(
             f"loss={cfg.loss!r} with method {run.label}: the model keeps no frozen float weight to teach with "
-            "(QA-LoRA replaces it by codes, full-weight QAT trains it); give a separate --teacher or use --loss ce"
+            "(QA-LoRA replaces it by codes, full-weight QAT trains it, a GPTQ start replaces it by GPTQ's); give a "
+            "separate --teacher (e.g. the same model again) or use --loss ce"
         )
     if model is not None and is_fsdp(run.accelerator):
         raise ValueError(
@@ -179,11 +178,12 @@ def _prepare(run: Run) -> None:
     run.names = run.method.prepare(run.model, run.method_cfg)
     set_act_quant(run.model, run.cfg.act_bits, run.cfg.kv_bits)
     start = run.method.starts_at(run.method_cfg)
-    if start:  # e.g. DL-QAT: B = 0, m = 1, min/max scale/offset is exactly round-to-nearest
-        evaluate(run, start)
-    if start == "rtn-mse" and "rtn" not in run.results["perplexity"]:  # searched start: keep the plain RTN row too
+    if start in ("rtn-mse", "gptq") and "rtn" not in run.results["perplexity"]:  # keep the plain RTN row too
         with minmax_ranges(run.model):
             evaluate(run, "rtn")
+    run.method.calibrate(run.model, run.method_cfg, run.names, _calibration(run))
+    if start:  # e.g. DL-QAT: B = 0, m = 1, min/max scale/offset is exactly round-to-nearest
+        evaluate(run, start)
     run.accelerator.wait_for_everyone()
     if run.ckpt:
         _, unexpected = run.model.load_state_dict(run.ckpt["quant_state"], strict=False)
@@ -220,10 +220,8 @@ def _finish(run: Run, model: torch.nn.Module, step_times: list[float]) -> dict:
     if run.main:
         model.eval()
         atomic_write(run.out / "quant_state.safetensors", lambda tmp: save_file(_contiguous(trained), tmp))
-        pad = run.tokenizer.pad_token_id
-        calibration = [collate([e], pad)["input_ids"].to(run.accelerator.device) for e in run.examples]
         with torch.no_grad():
-            run.method.finalize(model, run.method_cfg, run.names, calibration)
+            run.method.finalize(model, run.method_cfg, run.names, _calibration(run))
         layers = convert(model)  # act/KV quantization settings travel with the layers
         save_quantized(model, run.tokenizer, run.out / "quantized", layers, source_gguf=source_gguf(run.cfg.model),
                        overwrite=True)  # fmt: skip
@@ -239,6 +237,12 @@ def _finish(run: Run, model: torch.nn.Module, step_times: list[float]) -> dict:
         write_results(run.results, run.out)
     run.accelerator.wait_for_everyone()
     return run.results
+
+
+def _calibration(run: Run) -> list[torch.Tensor]:
+    """The training examples as single-example batches (GPTQ's calibration set, first ones first)."""
+    pad = run.tokenizer.pad_token_id
+    return [collate([e], pad)["input_ids"].to(run.accelerator.device) for e in run.examples]
 
 
 def _contiguous(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -258,6 +262,7 @@ def _rebuild(run: Run, trained: dict) -> torch.nn.Module:
     model.to(run.accelerator.device)
     run.method.prepare(model, run.method_cfg)
     set_act_quant(model, run.cfg.act_bits, run.cfg.kv_bits)
+    run.method.calibrate(model, run.method_cfg, run.names, _calibration(run))  # e.g. the GPTQ base weights
     missing = set(trained) - set(model.state_dict())
     if missing:
         raise RuntimeError(f"rebuilding the trained model: no place for {sorted(missing)[:4]}")

@@ -10,9 +10,10 @@ from dlqat.export.ct_export import export_compressed_tensors, is_ct_export
 from dlqat.export.gguf_export import export_gguf, is_gguf_file
 from dlqat.export.mlx_export import export_mlx, is_mlx_export
 from dlqat.export.quantized import is_export, load_quantized, quantize_tied_embedding, read_quant_meta, save_quantized
+from dlqat.export.torchao_export import export_torchao, is_torchao_export
 from dlqat.fileio import check_file_target, check_folder_target
 
-FORMATS = ("dlqat", "gguf", "mlx", "compressed-tensors", "gptq")  # gptq: compressed-tensors
+FORMATS = ("dlqat", "gguf", "mlx", "torchao", "compressed-tensors", "gptq")  # gptq: compressed-tensors
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -36,7 +37,8 @@ def export(
 
     Args:
         fmt: ``dlqat`` (packed safetensors folder, reloadable with ``dlqat.load``), ``gguf`` (Q4_1 for
-            llama.cpp), ``mlx`` (an mlx-lm folder, MLX affine quantization) or ``compressed-tensors``
+            llama.cpp), ``mlx`` (an mlx-lm folder, MLX affine quantization), ``torchao`` (a transformers
+            folder with torchao int4 weights, 4 bits, bf16) or ``compressed-tensors``
             (alias ``gptq``: GPTQ-style integer zero points, pack-quantized; needs ``--zero_point int`` training).
         dtype: storage of the non-quantized tensors in the ``dlqat`` format (fp32 keeps every logit
             bit-exact; bf16/fp16 make the file small); in the ``mlx`` format of every float tensor,
@@ -65,6 +67,8 @@ def export(
     model, tokenizer = load_quantized(src)
     if fmt == "mlx":
         return export_mlx(model, tokenizer, out, DTYPES[dtype], overwrite=overwrite)
+    if fmt == "torchao":
+        return export_torchao(model, tokenizer, out, DTYPES[dtype], overwrite=overwrite)
     if fmt in ("compressed-tensors", "gptq"):
         return export_compressed_tensors(model, tokenizer, out, DTYPES[dtype], overwrite=overwrite)
     if fmt == "dlqat":
@@ -85,6 +89,8 @@ def _check_target(fmt: str, out: Path, overwrite: bool) -> None:
         check_file_target(out, is_gguf_file, overwrite, "GGUF file")
     elif fmt == "mlx":
         check_folder_target(out, is_mlx_export, overwrite, "MLX export")
+    elif fmt == "torchao":
+        check_folder_target(out, is_torchao_export, overwrite, "torchao export")
     elif fmt in ("compressed-tensors", "gptq"):
         check_folder_target(out, is_ct_export, overwrite, "GPTQ (compressed-tensors) export")
     else:

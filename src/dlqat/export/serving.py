@@ -37,13 +37,21 @@ def format_tensors(
 
 
 def write_format_folder(
-    out_dir: str | Path, tensors: dict, config: dict, tokenizer, producer: str, overwrite: bool, what: str
+    out_dir: str | Path,
+    tensors: dict,
+    config: dict,
+    tokenizer,
+    producer: str,
+    overwrite: bool,
+    what: str,
+    metadata: dict[str, str] | None = None,
 ) -> Path:
-    """``model.safetensors`` (marked with ``producer``), ``config.json`` and the tokenizer, written
-    atomically; an existing ``out_dir`` is replaced only if this producer wrote it and ``overwrite``."""
+    """``model.safetensors`` (marked with ``producer``, plus the format's own ``metadata``), ``config.json``
+    and the tokenizer, written atomically; an existing ``out_dir`` is replaced only if this producer wrote
+    it and ``overwrite``."""
     with atomic_folder(out_dir, lambda path: safetensors_producer(path) == producer, overwrite, what) as tmp:
         save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp / "model.safetensors",
-                  metadata={"format": "pt", "producer": producer})  # fmt: skip
+                  metadata={**(metadata or {}), "format": "pt", "producer": producer})  # fmt: skip
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)

@@ -32,9 +32,10 @@ class ClipMode(str, Enum):
     JOINT = "joint"  # trained together with A, B (and m) in phase 2 (L4Q-style)
 
 
-# Where scale/offset start: min/max (the untrained layer is RTN) or the clipping search of
-# ``mse_scale_offset`` (the untrained layer is RTN with MSE-searched ranges).
-INITS = ("minmax", "mse")
+# Where scale/offset start: min/max (the untrained layer is RTN), the clipping search of
+# ``mse_scale_offset`` (RTN with MSE-searched ranges) or GPTQ (``dlqat.methods.gptq_start``: needs
+# calibration data, so the layer starts at min/max and the method's ``calibrate`` step replaces it).
+INITS = ("minmax", "mse", "gptq")
 
 
 class WeightQuantizer(nn.Module):
@@ -70,7 +71,7 @@ class WeightQuantizer(nn.Module):
         if w.device.type == "meta":
             shape = (w.shape[0], n_groups(w.shape[1], self.group_size))
             return torch.empty(shape, device="meta", dtype=w.dtype), torch.empty(shape, device="meta", dtype=w.dtype)
-        search = minmax_scale_offset if init == "minmax" else mse_scale_offset
+        search = mse_scale_offset if init == "mse" else minmax_scale_offset
         with torch.no_grad():
             return search(w.detach(), self.n_bits, self.group_size)
 

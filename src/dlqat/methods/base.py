@@ -74,8 +74,9 @@ class StorageFields:
     )
 
     def start_label(self, init: str = "minmax") -> str:
-        """Name of the PTQ result an untrained layer computes: ``rtn``, or e.g. ``rtn-mse-int0-bf16``."""
-        parts = ["rtn"] + (["mse"] if init == "mse" else []) + (["int0"] if self.zero_point == "int" else [])
+        """Name of the PTQ result an untrained layer computes: ``rtn``, ``gptq``, or e.g. ``rtn-mse-int0-bf16``."""
+        parts = ["gptq"] if init == "gptq" else ["rtn"] + (["mse"] if init == "mse" else [])
+        parts += ["int0"] if self.zero_point == "int" else []
         return "-".join(parts + ([self.qparam_dtype] if self.qparam_dtype != "fp32" else []))
 
     def storage(self) -> Storage:

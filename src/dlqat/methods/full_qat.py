@@ -36,5 +36,8 @@ class FullQAT(QuantMethod):
         weights = {f"{name}.weight" for name in layer_names}
         return [Phase("full_qat: weights", cfg.steps, cfg.lr, weights.__contains__)]
 
+    def float_teacher(self, cfg: FullQATConfig) -> bool:
+        return False  # the float weight is what trains
+
     def starts_at(self, cfg: FullQATConfig) -> str:
         return cfg.start_label()

@@ -36,3 +36,6 @@ class QALoRA(QuantMethod):
     def phases(self, cfg: QALoRAConfig, layer_names: list[str]) -> list[Phase]:
         require_steps(cfg, "steps")
         return [Phase("qa_lora: lora_a/lora_b", cfg.steps, cfg.lr, param_of("lora_a", "lora_b"))]
+
+    def float_teacher(self, cfg: QALoRAConfig) -> bool:
+        return False  # the frozen weight is stored as codes

@@ -9,8 +9,9 @@ method means writing a config dataclass and a handler, and decorating the handle
         def prepare(self, model, cfg): ...          # swap layers in, return their names
         def phases(self, cfg, layer_names): ...     # what trains, how long, at which learning rate
 
-``finalize`` (post-training steps such as GPTQ) and ``starts_at`` (which named PTQ result the prepared,
-untrained model equals, evaluated as a reference row) have defaults.
+``calibrate`` (a data-dependent start, e.g. from GPTQ), ``finalize`` (post-training steps such as GPTQ),
+``starts_at`` (which named PTQ result the prepared, untrained model equals, evaluated as a reference
+row) and ``float_teacher`` (whether the layers keep the float weight to distil from) have defaults.
 """
 
 from __future__ import annotations
@@ -34,6 +35,11 @@ class QuantMethod:
         """The training schedule (empty for post-training methods)."""
         return []
 
+    def calibrate(
+        self, model: nn.Module, cfg: QuantMethodConfig, layer_names: list[str], calibration: list[torch.Tensor]
+    ) -> None:
+        """Data-dependent start after ``prepare`` (e.g. GPTQ's codes and ranges); default: none."""
+
     def finalize(
         self, model: nn.Module, cfg: QuantMethodConfig, layer_names: list[str], calibration: list[torch.Tensor]
     ) -> None:
@@ -43,6 +49,11 @@ class QuantMethod:
         """The loss ``--loss auto`` means for this method (``kd`` where distilling from the float model
         helps; ``ce`` where there is no float teacher in the model or the student starts equal to it)."""
         return "ce"
+
+    def float_teacher(self, cfg: QuantMethodConfig) -> bool:
+        """Whether the prepared layers keep the frozen float weight, so that switching their quantizers
+        and adapters off gives the float model (the no-copy distillation teacher)."""
+        return True
 
     def starts_at(self, cfg: QuantMethodConfig) -> str | None:
         """The named PTQ result the prepared, untrained model computes exactly (``"rtn"``), or None."""

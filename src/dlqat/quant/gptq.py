@@ -13,7 +13,6 @@ import torch
 from dlqat.quant.primitives import minmax_scale_offset, resolve_group_size, round_codes
 
 
-@torch.no_grad()
 def gptq_quantize(
     weight: torch.Tensor, hessian: torch.Tensor, n_bits: int, group_size: int, damp: float = 0.01, block: int = 128
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -22,6 +21,16 @@ def gptq_quantize(
     Returns:
         ``q`` int8 codes ``(out, in)``, ``scale`` and ``offset`` ``(out, n_groups)`` (float32).
     """
+    return gptq_with_updates(weight, hessian, n_bits, group_size, damp, block)[:3]
+
+
+@torch.no_grad()
+def gptq_with_updates(
+    weight: torch.Tensor, hessian: torch.Tensor, n_bits: int, group_size: int, damp: float = 0.01, block: int = 128
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """GPTQ, also returning ``updated (out, in)``: each column as it was when rounded (the weight plus the
+    error compensation it received), so ``round_codes((updated - offset) / scale)`` are exactly the codes.
+    A QAT start from GPTQ keeps ``updated`` as its frozen base weight (``dlqat.methods.gptq_start``)."""
     w = weight.detach().float().clone()
     out_features, in_features = w.shape
     g = resolve_group_size(group_size, in_features)
@@ -32,6 +41,7 @@ def gptq_quantize(
     h += damp * torch.mean(torch.diag(h)) * torch.eye(in_features, device=h.device)
     h_inv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
     q = torch.zeros(out_features, in_features, dtype=torch.int8, device=w.device)
+    updated = torch.zeros_like(w)
     n_groups = -(-in_features // g)
     scale = torch.zeros(out_features, n_groups, device=w.device)
     offset = torch.zeros_like(scale)
@@ -47,10 +57,11 @@ def gptq_quantize(
                 s, b = minmax_scale_offset(group, n_bits, -1)
                 scale[:, col // g], offset[:, col // g] = s[:, 0], b[:, 0]
             s, b = scale[:, col // g], offset[:, col // g]
+            updated[:, col] = w1[:, i]
             col_q = round_codes((w1[:, i] - b) / s, n_bits)
             q[:, col] = col_q.to(torch.int8)
             err = (w1[:, i] - (s * col_q + b)) / h_inv1[i, i]
             w1[:, i:] -= err.unsqueeze(1) @ h_inv1[i, i:].unsqueeze(0)
             err1[:, i] = err
         w[:, i2:] -= err1 @ h_inv[i1:i2, i2:]
-    return q, scale, offset
+    return q, scale, offset, updated

@@ -1,0 +1,41 @@
+"""A QAT start from GPTQ: the untrained quantized LoRA layers compute GPTQ's model exactly.
+
+GPTQ rounds column by column, pushing each column's rounding error onto the columns not yet rounded.
+For every target ``QuantLoRALinear`` (block by block, each block calibrated on the outputs of the
+blocks before it as quantized, as reference GPTQ) the frozen base ``W0`` becomes GPTQ's updated weight
+(each column as it was when rounded) and ``scale``/``offset`` GPTQ's: with ``B = 0`` and ``m = 1``
+the layer's codes are GPTQ's codes. Training then moves the adapters from there; the updated weight
+keeps the sub-step position of every weight, so small updates flip the codes nearest a boundary first.
+
+The original float weight is gone from these layers, so the layers cannot be their own distillation
+teacher (``kd`` then needs ``--teacher``).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from dlqat.methods.calibration import quantize_block_by_block
+from dlqat.quant.gptq import gptq_with_updates
+
+
+@torch.no_grad()
+def gptq_start(model: nn.Module, names: list[str], batches: list[torch.Tensor], damp: float = 0.01) -> None:
+    """Replace ``W0``, ``scale``, ``offset`` of the named ``QuantLoRALinear`` layers by GPTQ's."""
+    layers = {name: model.get_submodule(name) for name in names}
+    for layer in layers.values():  # a block calibrates on float layers of its own, quantized ones before it
+        layer.quantize_enabled = False
+
+    def start(block: list[str], hessians: dict[str, torch.Tensor]) -> None:
+        for name in block:
+            layer, quantizer = layers[name], layers[name].quantizer
+            _, scale, offset, updated = gptq_with_updates(
+                layer.weight, hessians.pop(name), quantizer.n_bits, quantizer.group_size, damp
+            )
+            layer.weight.copy_(updated.to(layer.weight.dtype))
+            quantizer.scale.copy_(scale.to(quantizer.scale.dtype))
+            quantizer.offset.copy_(offset.to(quantizer.offset.dtype))
+            layer.quantize_enabled = True
+
+    quantize_block_by_block(model, names, batches, start)
