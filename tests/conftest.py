@@ -10,6 +10,7 @@ import pytest
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import (
+    AutoModelForCausalLM,
     Gemma3ForCausalLM,
     Gemma3TextConfig,
     LlamaConfig,
@@ -76,6 +77,21 @@ ARCHS = {
 
 def tiny_model(arch: str = "llama") -> torch.nn.Module:
     return ARCHS[arch]().eval()
+
+
+def converted_tiny_model(model_dir: Path, **method) -> torch.nn.Module:
+    """The tiny model from ``model_dir`` through DL-QAT (``method``: ``DLQATConfig`` fields; rank 2, g32
+    unless given) with trained-looking adapters and offsets, converted to ``QuantizedLinear`` codes."""
+    from dlqat import convert, prepare
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    prepare(model, DLQATConfig(**{"rank": 2, "group_size": 32, **method}))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(("lora_b", "offset")):
+                p.add_(0.05 * torch.randn_like(p))
+    convert(model)
+    return model
 
 
 @pytest.fixture(scope="session")

@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from dlqat import DLQATConfig, convert, prepare
+from conftest import converted_tiny_model
 from dlqat.layers import QuantizedLinear
 
 pytest.importorskip("compressed_tensors", reason="pip install -e '.[serve]' (compressed-tensors)")
@@ -21,16 +21,7 @@ from dlqat.export.ct_export import export_compressed_tensors
 
 
 def trained_tiny(tiny_model_dir, n_bits: int, zero_point: str):
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
-    prepare(model, DLQATConfig(n_bits=n_bits, group_size=32, rank=2, zero_point=zero_point))
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith(("lora_b", "offset")):
-                p.add_(0.05 * torch.randn_like(p))  # trained-looking adapters and offsets
-    convert(model)
-    return model
+    return converted_tiny_model(tiny_model_dir, n_bits=n_bits, zero_point=zero_point)
 
 
 @pytest.mark.parametrize("n_bits", [3, 4])

@@ -11,21 +11,14 @@ import torch
 pytest.importorskip("torchao", reason="pip install -e '.[torchao]'")
 from transformers import AutoModelForCausalLM
 
-from dlqat import DLQATConfig, convert, prepare
+from conftest import converted_tiny_model
 from dlqat.cli import main
 from dlqat.export.torchao_export import export_torchao
 from dlqat.layers import QuantizedLinear
 
 
 def trained_tiny(tiny_model_dir, n_bits: int = 4, group_size: int = 32):
-    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
-    prepare(model, DLQATConfig(n_bits=n_bits, group_size=group_size, rank=2, qparam_dtype="bf16"))
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith(("lora_b", "offset")):
-                p.add_(0.05 * torch.randn_like(p))  # trained-looking adapters and offsets
-    convert(model)
-    return model
+    return converted_tiny_model(tiny_model_dir, n_bits=n_bits, group_size=group_size, qparam_dtype="bf16")
 
 
 def reference_int4_decode(weight) -> torch.Tensor:

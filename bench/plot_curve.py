@@ -1,0 +1,61 @@
+"""Learning curves of finished (or running) runs: held-out perplexity vs optimizer steps, one panel per
+text, one line per run, from each run's ``curve.jsonl`` (``dlqat train --eval_at ... --curve_eval_data``);
+the float model's perplexity (from the run's checkpoint results) is the dashed line.
+
+    python bench/plot_curve.py runs/long/w3g128-kd-200 --out docs/curve_w3g128.png
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from dlqat.eval.tables import line_plot, markdown_table
+from dlqat.run_folder import load_checkpoint
+
+
+def read_curve(run: Path) -> dict[str, dict[int, float]]:
+    """text name -> {step: perplexity}."""
+    curve: dict[str, dict[int, float]] = {}
+    for line in (run / "curve.jsonl").read_text().splitlines():
+        row = json.loads(line)
+        curve.setdefault(row["text"], {})[row["step"]] = row["perplexity"]
+    return curve
+
+
+def float_perplexities(run: Path) -> dict[str, float]:
+    """The float row of every text, from ``results.json`` or, for an unfinished run, its checkpoint."""
+    if (run / "results.json").is_file():
+        results = json.loads((run / "results.json").read_text())
+    else:
+        results = load_checkpoint(run / "checkpoint.pt")["results"]  # weights_only, as every checkpoint load
+    return {text: rows["float"] for text, rows in results.get("perplexity_by_text", {}).items() if "float" in rows}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("runs", nargs="+", help="run folders with curve.jsonl")
+    parser.add_argument("--out", required=True, help="PNG path (a Markdown table is printed)")
+    args = parser.parse_args()
+    curves = {Path(run).name: read_curve(Path(run)) for run in args.runs}
+    floats = float_perplexities(Path(args.runs[0]))
+    texts = sorted({text for curve in curves.values() for text in curve})
+    series = [
+        (text, {name: (sorted(c[text]), [c[text][s] for s in sorted(c[text])]) for name, c in curves.items()},
+         floats.get(text))
+        for text in texts
+    ]  # fmt: skip
+    line_plot(series, "optimizer steps", "held-out perplexity (log)", Path(args.out))
+    rows = [
+        [name, text, *(f"{step}: {ppl:.2f} ({ppl / floats[text]:.2f}x)" for step, ppl in sorted(c[text].items()))]
+        for name, c in curves.items()
+        for text in sorted(c)
+        if text in floats
+    ]
+    width = max(len(row) for row in rows) - 2
+    print(markdown_table(["run", "text", *(["step: ppl (x float)"] * width)], rows))
+
+
+if __name__ == "__main__":
+    main()
