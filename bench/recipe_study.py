@@ -32,6 +32,10 @@ RECIPES = {
     "kd-lr2e-3": ["--loss", "kd", "--lr", "2e-3", "--quant_lr", "1e-4", "--init", "minmax"],
     "kd-lr4e-3": ["--loss", "kd", "--lr", "4e-3", "--quant_lr", "1e-4", "--init", "minmax"],
     "kd-lr2e-3-mse": ["--loss", "kd", "--lr", "2e-3", "--quant_lr", "1e-4", "--init", "mse"],
+    "kd-lr5e-4-mse": ["--loss", "kd", "--lr", "5e-4", "--quant_lr", "1e-4", "--init", "mse"],
+    "kd-lr4e-3-mse": ["--loss", "kd", "--lr", "4e-3", "--quant_lr", "1e-4", "--init", "mse"],
+    "kd-lr2e-3-mse-joint": ["--loss", "kd", "--lr", "2e-3", "--quant_lr", "1e-4", "--init", "mse", "--clip_mode", "joint"],
+    "kd-lr2e-3-mse-p1-0": ["--loss", "kd", "--lr", "2e-3", "--quant_lr", "1e-4", "--init", "mse", "--phase1_steps", "0"],
     "kd-lr1e-3-q2e-4": ["--loss", "kd", "--lr", "1e-3", "--quant_lr", "2e-4", "--init", "minmax"],
     "kd-lr1e-3-q1e-3": ["--loss", "kd", "--lr", "1e-3", "--quant_lr", "1e-3", "--init", "minmax"],
     "kd-lr1e-3-joint": ["--loss", "kd", "--lr", "1e-3", "--quant_lr", "1e-4", "--clip_mode", "joint", "--init", "minmax"],
@@ -72,6 +76,8 @@ def run_recipe(name: str, args: argparse.Namespace, runs: Path) -> dict:
         steps = ["--steps", str(total)]
     elif "joint" in flags:  # no range-only phase: the whole budget in phase 2
         steps = ["--phase1_steps", "0", "--phase2_steps", str(total)]
+    elif "--phase1_steps" in flags:  # the recipe sets phase 1's share of the same total
+        steps = ["--phase2_steps", str(total - int(flags[flags.index("--phase1_steps") + 1]))]
     else:
         steps = ["--phase1_steps", str(args.phase1_steps), "--phase2_steps", str(args.phase2_steps)]
     if not (run / "results.json").is_file():
