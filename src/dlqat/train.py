@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import resource
+from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
 
@@ -181,7 +182,7 @@ def _prepare(run: Run) -> None:
     if start in ("rtn-mse", "gptq") and "rtn" not in run.results["perplexity"]:  # keep the plain RTN row too
         with minmax_ranges(run.model):
             evaluate(run, "rtn")
-    run.method.calibrate(run.model, run.method_cfg, run.names, _calibration(run))
+    run.method.calibrate(run.model, run.method_cfg, run.names, _Calibration(run))
     if start:  # e.g. DL-QAT: B = 0, m = 1, min/max scale/offset is exactly round-to-nearest
         evaluate(run, start)
     run.accelerator.wait_for_everyone()
@@ -221,7 +222,7 @@ def _finish(run: Run, model: torch.nn.Module, step_times: list[float]) -> dict:
         model.eval()
         atomic_write(run.out / "quant_state.safetensors", lambda tmp: save_file(_contiguous(trained), tmp))
         with torch.no_grad():
-            run.method.finalize(model, run.method_cfg, run.names, _calibration(run))
+            run.method.finalize(model, run.method_cfg, run.names, _Calibration(run))
         layers = convert(model)  # act/KV quantization settings travel with the layers
         save_quantized(model, run.tokenizer, run.out / "quantized", layers, source_gguf=source_gguf(run.cfg.model),
                        overwrite=True)  # fmt: skip
@@ -239,10 +240,21 @@ def _finish(run: Run, model: torch.nn.Module, step_times: list[float]) -> dict:
     return run.results
 
 
-def _calibration(run: Run) -> list[torch.Tensor]:
-    """The training examples as single-example batches (GPTQ's calibration set, first ones first)."""
-    pad = run.tokenizer.pad_token_id
-    return [collate([e], pad)["input_ids"].to(run.accelerator.device) for e in run.examples]
+class _Calibration(Sequence):
+    """The training examples as single-example batches on the run's device (GPTQ's calibration set, first
+    ones first), each built when read: GPTQ reads its first ``calib_samples``, most methods none, so the
+    data set is never collated and moved to the device as a whole."""
+
+    def __init__(self, run: Run) -> None:
+        self.examples, self.pad, self.device = run.examples, run.tokenizer.pad_token_id, run.accelerator.device
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(len(self)))]
+        return collate([self.examples[index]], self.pad)["input_ids"].to(self.device)
 
 
 def _contiguous(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -262,7 +274,7 @@ def _rebuild(run: Run, trained: dict) -> torch.nn.Module:
     model.to(run.accelerator.device)
     run.method.prepare(model, run.method_cfg)
     set_act_quant(model, run.cfg.act_bits, run.cfg.kv_bits)
-    run.method.calibrate(model, run.method_cfg, run.names, _calibration(run))  # e.g. the GPTQ base weights
+    run.method.calibrate(model, run.method_cfg, run.names, _Calibration(run))  # e.g. the GPTQ base weights
     missing = set(trained) - set(model.state_dict())
     if missing:
         raise RuntimeError(f"rebuilding the trained model: no place for {sorted(missing)[:4]}")

@@ -46,15 +46,12 @@ def ct_tensors(name: str, layer: QuantizedLinear, dtype: torch.dtype) -> dict[st
             f"{name}: in_features={layer.in_features} is not a multiple of group_size={layer.group_size}; "
             "compressed-tensors has no ragged groups (train with a group size that divides it)"
         )
-    tensors = {
+    return {
         f"{name}.weight_packed": pack_to_int32(layer.codes(), layer.n_bits),
         f"{name}.weight_scale": layer.scale.to(dtype),
         f"{name}.weight_zero_point": pack_to_int32(integer_zero_point(name, layer), layer.n_bits, packed_dim=0),
         f"{name}.weight_shape": torch.tensor([layer.out_features, layer.in_features]),
     }
-    if layer.bias is not None:
-        tensors[f"{name}.bias"] = layer.bias.to(dtype)
-    return tensors
 
 
 def quantization_config(layers: dict[str, QuantizedLinear]) -> dict:

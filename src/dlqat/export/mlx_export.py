@@ -44,18 +44,15 @@ def check_mlx(name: str, layer: QuantizedLinear) -> None:
 
 
 def mlx_tensors(name: str, layer: QuantizedLinear, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """``NAME.weight`` (uint32 words), ``NAME.scales``, ``NAME.biases`` (and ``NAME.bias``) of one layer."""
+    """``NAME.weight`` (uint32 words), ``NAME.scales``, ``NAME.biases`` of one layer."""
     check_mlx(name, layer)
     half = 2 ** (layer.n_bits - 1)
     words = layer.packed.contiguous().view(torch.int32).view(torch.uint32)  # little-endian bytes -> words
-    tensors = {
+    return {
         f"{name}.weight": words,
         f"{name}.scales": layer.scale.to(dtype),
         f"{name}.biases": (layer.offset - half * layer.scale).to(dtype),
     }
-    if layer.bias is not None:
-        tensors[f"{name}.bias"] = layer.bias.to(dtype)
-    return tensors
 
 
 def export_mlx(

@@ -22,8 +22,9 @@ def format_tensors(
     dtype: torch.dtype,
     what: str,
 ) -> tuple[dict[str, torch.Tensor], dict[str, QuantizedLinear]]:
-    """Every tensor of ``model``: ``layer_tensors(name, layer)`` for the quantized layers, the other
-    floats cast to ``dtype`` (tied duplicates once). Returns ``(tensors, quantized layers by name)``."""
+    """Every tensor of ``model``: ``layer_tensors(name, layer)`` for the quantized layers' weights, every
+    other float (their biases included) cast to ``dtype`` (tied duplicates once). Returns ``(tensors,
+    quantized layers by name)``."""
     if isinstance(model.get_input_embeddings(), QuantizedEmbedding):
         raise ValueError(f"{what}: the embedding table is quantized here; export from the run folder instead")
     layers = {n: m for n, m in model.named_modules() if isinstance(m, QuantizedLinear)}
@@ -31,7 +32,7 @@ def format_tensors(
     for name, layer in layers.items():
         tensors.update(layer_tensors(name, layer))
     for name, tensor in unique_state_dict(model).items():
-        if name.rsplit(".", 1)[0] not in layers:  # the quantized layers are written above
+        if name.rsplit(".", 1)[0] not in layers or name.endswith(".bias"):  # quantized weights: written above
             tensors[name] = tensor.to(dtype) if tensor.is_floating_point() else tensor
     return tensors, layers
 

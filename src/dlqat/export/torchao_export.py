@@ -51,8 +51,10 @@ def pack_int4_rows(codes: torch.Tensor) -> torch.Tensor:
     return torch.bitwise_or(torch.bitwise_and(codes[:, ::2], 0xF), torch.bitwise_left_shift(codes[:, 1::2], 4))
 
 
-def int4_tensor(layer: QuantizedLinear, group_size: int, dtype: torch.dtype):
+def int4_tensor(name: str, layer: QuantizedLinear, dtype: torch.dtype):
     from torchao.quantization import Int4Tensor
+
+    group_size = check_torchao(name, layer)
 
     def by_group(values: torch.Tensor) -> torch.Tensor:  # (N, K/g) -> Int4Tensor's (K/g, N)
         return values.reshape(layer.out_features, -1).t().contiguous().to(dtype)
@@ -78,14 +80,11 @@ def export_torchao(
     what = "torchao export"
     if dtype != torch.bfloat16:
         raise ValueError(f"dtype={dtype}: torchao's int4 kernels take bf16 scales and activations; use --dtype bf16")
-    layers = {n: m for n, m in model.named_modules() if isinstance(m, QuantizedLinear)}
-    sizes = {name: check_torchao(name, layer) for name, layer in layers.items()}
-    if len(set(sizes.values())) > 1:
-        raise ValueError(f"{what}: layers use group sizes {sorted(set(sizes.values()))}; torchao's config takes one")
-    group_size = next(iter(sizes.values()))
-    tensors, _ = format_tensors(
-        model, lambda n, m: {f"{n}.weight": int4_tensor(m, group_size, dtype), **_bias(n, m, dtype)}, dtype, what
-    )
+    tensors, layers = format_tensors(model, lambda n, m: {f"{n}.weight": int4_tensor(n, m, dtype)}, dtype, what)
+    sizes = {resolve_group_size(m.group_size, m.in_features) for m in layers.values()}
+    if len(sizes) > 1:
+        raise ValueError(f"{what}: layers use group sizes {sorted(sizes)}; torchao's config takes one")
+    (group_size,) = sizes
     flat, metadata = flatten_tensor_state_dict(tensors)
     linears = {n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}  # float ones stay float
     config = TorchAoConfig(
@@ -96,10 +95,6 @@ def export_torchao(
     model_config["quantization_config"] = config.to_dict()
     model_config["torch_dtype"] = "bfloat16"
     return write_format_folder(out_dir, flat, model_config, tokenizer, TORCHAO_MARKER, overwrite, what, metadata)
-
-
-def _bias(name: str, layer: QuantizedLinear, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    return {f"{name}.bias": layer.bias.to(dtype)} if layer.bias is not None else {}
 
 
 def is_torchao_export(path: Path) -> bool:

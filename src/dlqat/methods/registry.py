@@ -16,6 +16,7 @@ row) and ``float_teacher`` (whether the layers keep the float weight to distil f
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import TypeVar
 
 import torch
@@ -36,12 +37,12 @@ class QuantMethod:
         return []
 
     def calibrate(
-        self, model: nn.Module, cfg: QuantMethodConfig, layer_names: list[str], calibration: list[torch.Tensor]
+        self, model: nn.Module, cfg: QuantMethodConfig, layer_names: list[str], calibration: Sequence[torch.Tensor]
     ) -> None:
         """Data-dependent start after ``prepare`` (e.g. GPTQ's codes and ranges); default: none."""
 
     def finalize(
-        self, model: nn.Module, cfg: QuantMethodConfig, layer_names: list[str], calibration: list[torch.Tensor]
+        self, model: nn.Module, cfg: QuantMethodConfig, layer_names: list[str], calibration: Sequence[torch.Tensor]
     ) -> None:
         """Post-training work on the trained model (e.g. GPTQ on calibration batches); default: none."""
 
