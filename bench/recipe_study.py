@@ -35,6 +35,8 @@ RECIPES = {
     "kd-lr5e-4-mse": ["--loss", "kd", "--lr", "5e-4", "--quant_lr", "1e-4", "--init", "mse"],
     "kd-lr4e-3-mse": ["--loss", "kd", "--lr", "4e-3", "--quant_lr", "1e-4", "--init", "mse"],
     "kd-lr2e-3-mse-joint": ["--loss", "kd", "--lr", "2e-3", "--quant_lr", "1e-4", "--init", "mse", "--clip_mode", "joint"],
+    "kd-lr2e-3-mse-cos": ["--loss", "kd", "--lr", "2e-3", "--quant_lr", "1e-4", "--init", "mse", "--lr_schedule", "cosine"],
+    "kd-lr4e-3-mse-cos": ["--loss", "kd", "--lr", "4e-3", "--quant_lr", "1e-4", "--init", "mse", "--lr_schedule", "cosine"],
     "kd-lr2e-3-mse-p1-0": ["--loss", "kd", "--lr", "2e-3", "--quant_lr", "1e-4", "--init", "mse", "--phase1_steps", "0"],
     "kd-lr1e-3-q2e-4": ["--loss", "kd", "--lr", "1e-3", "--quant_lr", "2e-4", "--init", "minmax"],
     "kd-lr1e-3-q1e-3": ["--loss", "kd", "--lr", "1e-3", "--quant_lr", "1e-3", "--init", "minmax"],

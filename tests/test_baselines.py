@@ -292,6 +292,15 @@ def test_compare_draws_learning_curves_on_every_text(tiny_model_dir, text_file, 
     assert (out / "curves.png").stat().st_size > 0
 
 
+def test_compare_refuses_a_curve_with_a_decaying_lr(tmp_path, capsys):
+    """Curve points of one cosine run are not the shorter runs: refused before anything trains."""
+    out = tmp_path / "c"
+    argv = ["compare", "--methods", "dl_qat", "--steps", "2,4", "--output_dir", str(out), "--lr_schedule", "cosine"]
+    assert main(argv) == 2
+    assert "--lr_schedule cosine" in capsys.readouterr().err
+    assert not out.exists()
+
+
 @pytest.mark.parametrize("arch", ["llama", "gemma3"])
 def test_gptq_start_untrained_equals_gptq(arch):
     """DL-QAT ``init="gptq"``: before any step, every layer computes GPTQ's weight (GPTQ's codes, ranges),

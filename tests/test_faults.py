@@ -96,7 +96,10 @@ def run_two_processes(engine: str, *args: str, **popen) -> subprocess.CompletedP
     ]
     if popen:
         return subprocess.Popen([*command, *args], env=env, **popen)
-    return subprocess.run([*command, *args], env=env, check=True, capture_output=True)
+    done = subprocess.run([*command, *args], env=env, capture_output=True, text=True, check=False)
+    # Show the launcher's own output on failure: check=True alone hides why a rank exited.
+    assert done.returncode == 0, f"{engine} run exited {done.returncode}:\n{done.stdout[-4000:]}\n{done.stderr[-8000:]}"
+    return done
 
 
 @pytest.fixture(scope="module")

@@ -1,10 +1,12 @@
 """The training loop on a tiny local Llama: the loss falls, a killed run resumes exactly, the CLI works."""
 
 import json
+import math
 import os
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -15,8 +17,10 @@ from dlqat.cli import main
 from dlqat.fileio import RefusedError
 from dlqat.layers import QuantLoRALinear
 from dlqat.loop import Checkpointer
-from dlqat.run_folder import load_checkpoint
+from dlqat.run_folder import check_same_run, load_checkpoint
+from dlqat.schedules import lr_factor
 from dlqat.train import train
+from dlqat.train_config import TrainConfig
 
 
 def test_training_lowers_loss_and_writes_the_run(tiny_model_dir, text_file, tmp_path):
@@ -44,8 +48,10 @@ class Killed(Exception):
     pass
 
 
-def test_killed_run_resumes_to_the_same_result(tiny_model_dir, text_file, tmp_path, monkeypatch):
-    train(*tiny_configs(tiny_model_dir, text_file, tmp_path / "straight"))
+@pytest.mark.parametrize("lr_schedule", ["constant", "cosine"])
+def test_killed_run_resumes_to_the_same_result(lr_schedule, tiny_model_dir, text_file, tmp_path, monkeypatch):
+    configs = lambda out, **more: tiny_configs(tiny_model_dir, text_file, out, lr_schedule=lr_schedule, **more)
+    train(*configs(tmp_path / "straight"))
 
     real_save = Checkpointer.save
 
@@ -56,12 +62,12 @@ def test_killed_run_resumes_to_the_same_result(tiny_model_dir, text_file, tmp_pa
 
     monkeypatch.setattr(Checkpointer, "save", save_then_die)
     with pytest.raises(Killed):
-        train(*tiny_configs(tiny_model_dir, text_file, tmp_path / "killed"))
+        train(*configs(tmp_path / "killed"))
     monkeypatch.undo()
     assert load_checkpoint(tmp_path / "killed" / "checkpoint.pt")["step"] == 8
     with pytest.raises(RefusedError, match="--resume"):
-        train(*tiny_configs(tiny_model_dir, text_file, tmp_path / "killed"))
-    train(*tiny_configs(tiny_model_dir, text_file, tmp_path / "killed", resume=True))
+        train(*configs(tmp_path / "killed"))
+    train(*configs(tmp_path / "killed", resume=True))
     straight = load_file(tmp_path / "straight" / "quant_state.safetensors")
     resumed = load_file(tmp_path / "killed" / "quant_state.safetensors")
     assert straight.keys() == resumed.keys()
@@ -83,6 +89,46 @@ def test_finished_run_resumed_with_a_longer_last_phase_equals_the_longer_run(tin
     assert steps == list(range(1, 16))
     with pytest.raises(ValueError, match="phase2_steps: 12 -> 10.*may grow"):
         train(*tiny_configs(tiny_model_dir, text_file, tmp_path / "grown", phase2_steps=10, resume=True))
+
+
+def test_cosine_schedule_decays_each_phase_and_may_not_grow(tiny_model_dir, text_file, tmp_path):
+    """The logged lr of every step is the phase's lr times the cosine factor of its step within the phase;
+    a decaying run refuses to grow its last phase on resume (its schedule was planned for the old length)."""
+    method_cfg, cfg = tiny_configs(tiny_model_dir, text_file, tmp_path / "cos", lr_schedule="cosine")
+    train(method_cfg, cfg)
+    log = [json.loads(line) for line in (tmp_path / "cos" / "train_log.jsonl").read_text().splitlines()]
+    phases = [(method_cfg.quant_lr, method_cfg.phase1_steps), (method_cfg.lr, method_cfg.phase2_steps)]
+    expected = [lr * 0.5 * (1 + math.cos(math.pi * i / n)) for lr, n in phases for i in range(n)]
+    assert [r["lr"] for r in log] == pytest.approx(expected, rel=1e-12)
+    assert log[-1]["lr"] > 0 and log[0]["lr"] == method_cfg.quant_lr
+    with pytest.raises(ValueError, match="phase2_steps: 12 -> 16 with lr_schedule='cosine'"):
+        train(*tiny_configs(tiny_model_dir, text_file, tmp_path / "cos", lr_schedule="cosine", phase2_steps=16,
+                            resume=True))  # fmt: skip
+
+
+def test_checkpoint_from_before_lr_schedule_resumes_as_constant():
+    """A checkpoint written before ``lr_schedule`` existed ran at a constant lr: it resumes with that value
+    (and may grow), and refuses another."""
+    saved = {"method": "dl_qat", "method_config": {"phase2_steps": 8}, "train_config": {"seed": 1}}
+    now = lambda schedule, steps=8: {
+        "method": "dl_qat", "method_config": {"phase2_steps": steps},
+        "train_config": {"seed": 1, "lr_schedule": schedule},
+    }  # fmt: skip
+    check_same_run(saved, now("constant", 12), Path("ckpt.pt"))
+    with pytest.raises(ValueError, match="lr_schedule: 'constant' -> 'cosine'"):
+        check_same_run(saved, now("cosine"), Path("ckpt.pt"))
+
+
+def test_lr_factor_schedules():
+    assert [lr_factor("constant", i, 4) for i in range(4)] == [1.0] * 4
+    assert [lr_factor("linear", i, 4) for i in range(4)] == [1.0, 0.75, 0.5, 0.25]
+    assert lr_factor("cosine", 0, 4) == 1.0 and lr_factor("cosine", 2, 4) == pytest.approx(0.5)
+    with pytest.raises(ValueError, match="step_in_phase=4"):
+        lr_factor("cosine", 4, 4)
+    with pytest.raises(ValueError, match="lr_schedule='step'"):
+        lr_factor("step", 0, 4)
+    with pytest.raises(ValueError, match="lr_schedule='step'"):
+        TrainConfig(lr_schedule="step")
 
 
 def test_cli_train_then_eval_reproduces_the_reported_perplexity(tiny_model_dir, text_file, tmp_path, capsys):

@@ -202,12 +202,20 @@ def main(argv: list[str]) -> int:
     unknown = [m for m in methods if m.split(":")[0] not in method_names()]
     if unknown:
         raise ValueError(f"methods={unknown}: expected names from {method_names()}")
-    out = Path(args.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
     try:
         steps = sorted({int(s) for s in args.steps.split(",") if s})
     except ValueError as err:
         raise ValueError(f"--steps={args.steps!r}: expected comma-separated positive integers") from err
+    schedule = argparse.ArgumentParser(add_help=False)
+    schedule.add_argument("--lr_schedule", "--lr-schedule", default="constant")
+    lr_schedule = schedule.parse_known_args(extra)[0].lr_schedule
+    if len(steps) > 1 and lr_schedule != "constant":
+        raise ValueError(
+            f"--steps={args.steps!r} with --lr_schedule {lr_schedule}: a curve read off one run equals shorter runs "
+            "only at a constant lr; run each budget separately (one --steps value per compare)"
+        )
+    out = Path(args.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
     rows = [run_one(m, int(b), args.group_size, steps, out, extra) for b in args.bits.split(",") for m in methods]
     print("\n" + write_table(rows, out))
     png = plot(rows, out)

@@ -17,6 +17,7 @@ from dlqat.data import Example, collate, micro_batch_indices
 from dlqat.losses import Objective, shifted_targets
 from dlqat.methods.base import Phase, set_trainable
 from dlqat.run_folder import save_checkpoint
+from dlqat.schedules import lr_factor
 from dlqat.sharding import gather_parameters, load_optimizer_state, optimizer_layout, optimizer_state, release_engine
 from dlqat.train_config import TrainConfig
 
@@ -96,6 +97,7 @@ def run_phases(
             )
             while step < phase_end:
                 t0 = time.perf_counter()
+                lr = set_lr(optimizer, phase, lr_factor(cfg.lr_schedule, step - phase_start, phase.steps))
                 loss, n_tokens = optimizer_step(accelerator, model, optimizer, data, objective, cfg)
                 if not math.isfinite(loss):
                     raise FloatingPointError(
@@ -108,7 +110,7 @@ def run_phases(
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tok_s:.0f}")
                 if log_file:
-                    record = {"step": step, "phase": phase.name, "loss": loss, "lr": phase.lr, "tokens_per_s": tok_s}
+                    record = {"step": step, "phase": phase.name, "loss": loss, "lr": lr, "tokens_per_s": tok_s}
                     log_file.write(json.dumps(record) + "\n")
                     log_file.flush()
                 if after_step is not None:
@@ -132,8 +134,17 @@ def start_phase(accelerator: Accelerator, model, phase: Phase, cfg: TrainConfig)
     if not selected:
         raise ValueError(f"{phase.name}: no parameter to train")
     optimizer = torch.optim.AdamW(phase.param_groups(model, cfg.weight_decay), lr=phase.lr)
+    for group in optimizer.param_groups:
+        group["initial_lr"] = group["lr"]  # what a schedule scales (torch's schedulers use the same key)
     model.train()
     return accelerator.prepare(model, optimizer)
+
+
+def set_lr(optimizer, phase: Phase, factor: float) -> float:
+    """Scale every group's starting lr by ``factor``; returns the phase's main lr as set (for the log)."""
+    for group in optimizer.param_groups:
+        group["lr"] = group["initial_lr"] * factor
+    return phase.lr * factor
 
 
 def optimizer_step(accelerator: Accelerator, model, optimizer, data, objective: Objective, cfg: TrainConfig):

@@ -42,6 +42,9 @@ _NOT_SETTINGS = ("resume", "overwrite")
 # The step count of a method's last phase may grow on resume: with a constant learning rate and a data
 # order fixed by seed and step, a longer run continued from a checkpoint is the run planned longer.
 RESUME_MAY_GROW = ("phase2_steps", "steps")
+# Settings added after some runs were checkpointed, with the value those runs used: a checkpoint that
+# lacks one resumes if the new run asks for that value.
+ADDED_SETTINGS = {"lr_schedule": "constant"}
 
 
 class CheckpointError(ValueError):
@@ -90,10 +93,16 @@ def check_same_run(saved: dict | None, current: dict, ckpt: Path) -> None:
     if saved["method"] != current["method"]:
         diffs.append(f"method: {saved['method']!r} -> {current['method']!r}")
     for part in ("method_config", "train_config"):
-        old, new = saved[part], current[part]
+        new = current[part]
+        old = {**{k: v for k, v in ADDED_SETTINGS.items() if k in new}, **saved[part]}
         for key in sorted(set(old) | set(new)):
             if key not in RESUME_MAY_CHANGE + _NOT_SETTINGS and not _same_setting(key, old.get(key), new.get(key)):
                 diffs.append(f"{key}: {old.get(key)!r} -> {new.get(key)!r}")
+            elif key in RESUME_MAY_GROW and old.get(key) != new.get(key) and _decays(current):
+                diffs.append(
+                    f"{key}: {old.get(key)!r} -> {new.get(key)!r} with lr_schedule={_decays(current)!r} (a "
+                    "decaying schedule planned for fewer steps is not the longer run; only a constant lr may grow)"
+                )
     if diffs:
         raise CheckpointError(
             f"{ckpt}: --resume with other settings than the run it continues: {'; '.join(diffs)}. Resume with the "
@@ -104,6 +113,12 @@ def check_same_run(saved: dict | None, current: dict, ckpt: Path) -> None:
 
 
 _PATH_SETTINGS = ("model", "data", "eval_data", "teacher")
+
+
+def _decays(current: dict) -> str | None:
+    """The run's lr schedule when it is not constant (then no phase may grow on resume)."""
+    schedule = current["train_config"].get("lr_schedule", ADDED_SETTINGS["lr_schedule"])
+    return None if schedule == "constant" else schedule
 
 
 def _same_setting(key: str, old, new) -> bool:

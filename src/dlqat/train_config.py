@@ -7,6 +7,7 @@ from typing import TypeVar
 
 from dlqat.losses import LOSSES
 from dlqat.methods import QuantMethodConfig
+from dlqat.schedules import LR_SCHEDULES
 
 M = TypeVar("M", bound=QuantMethodConfig)
 C = TypeVar("C")
@@ -61,6 +62,13 @@ class TrainConfig:
         default=0.0, metadata={"help": "AdamW weight decay of adapters/weights (never of magnitude, scale, offset)"}
     )
     max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping norm (0 = off)"})
+    lr_schedule: str = field(
+        default="constant",
+        metadata={
+            "help": "learning rate within each phase: constant, or cosine/linear decay from the phase's lr "
+            "toward 0 at its last step (a decaying run cannot grow on --resume)"
+        },
+    )
     seed: int = field(default=42, metadata={"help": "seed for init and data order"})
     train_on_prompt: bool = field(default=False, metadata={"help": "instruction data: also train on prompt tokens"})
     save_every: int = field(default=50, metadata={"help": "checkpoint every N optimizer steps"})
@@ -123,6 +131,8 @@ class TrainConfig:
             value = getattr(self, name)
             if value is not None and not 2 <= value <= 8:
                 raise ValueError(f"{name}={value!r}: expected 2..8 bits or unset (per-token codes are int8 at most)")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise ValueError(f"lr_schedule={self.lr_schedule!r}: expected one of {', '.join(LR_SCHEDULES)}")
         if self.loss not in (*LOSSES, "auto"):
             raise ValueError(f"loss={self.loss!r}: expected auto or one of {', '.join(LOSSES)}")
         if not self.kd_temperature > 0:
