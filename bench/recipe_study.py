@@ -48,6 +48,8 @@ RECIPES = {
     "l4q-kd-lr2e-3": ["--method", "l4q", "--loss", "kd", "--lr", "2e-3", "--quant_lr", "1e-4"],
     "qa_lora-lr2e-4": ["--method", "qa_lora", "--lr", "2e-4"],
     "qa_lora-lr2e-3": ["--method", "qa_lora", "--lr", "2e-3"],
+    "qa_lora-gptq-r64-lr2e-4": ["--method", "qa_lora", "--base", "gptq", "--rank", "64", "--lr", "2e-4"],
+    "qa_lora-gptq-r64-lr2e-3": ["--method", "qa_lora", "--base", "gptq", "--rank", "64", "--lr", "2e-3"],
     "full_qat-lr2e-5": ["--method", "full_qat", "--lr", "2e-5"],
     "full_qat-lr2e-4": ["--method", "full_qat", "--lr", "2e-4"],
     "full_qat-kd-lr2e-5": ["--method", "full_qat", "--lr", "2e-5", "--loss", "kd", "--teacher", "EMBEDDED"],

@@ -328,6 +328,51 @@ def test_gptq_start_untrained_equals_gptq(arch):
     assert handler(cfg).starts_at(cfg) == "gptq" and not handler(cfg).float_teacher(cfg)
 
 
+def test_qa_lora_on_a_gptq_base_untrained_equals_gptq():
+    """QA-LoRA ``base="gptq"`` (the paper's base): after calibration every layer holds GPTQ's codes and
+    ranges exactly, the float weights are gone, and the untrained model computes GPTQ's logits."""
+    import copy
+
+    from dlqat import calibrate
+
+    model = tiny_model("llama").eval()
+    gptq = copy.deepcopy(model)
+    batches = [torch.randint(0, 300, (1, 16)) for _ in range(4)]
+    gptq_cfg = make_config("gptq", n_bits=3, group_size=32)
+    finalize(gptq, gptq_cfg, prepare(gptq, gptq_cfg), batches)
+    cfg = make_config("qa_lora", n_bits=3, group_size=32, rank=4, base="gptq")
+    names = prepare(model, cfg)
+    rtn_codes = {name: model.get_submodule(name).q.clone() for name in names}
+    calibrate(model, cfg, names, batches)
+    moved = 0
+    for name in names:
+        ours, ref = model.get_submodule(name), gptq.get_submodule(name)
+        assert ours.float_weight is None and "float_weight" not in ours.state_dict(), name
+        assert torch.equal(ours.q, ref.codes().to(ours.q.dtype)), name
+        weight = dequantize(ours.q.float(), ours.scale, ours.offset, 32)
+        torch.testing.assert_close(weight, ref.dequantized_weight(), atol=0, rtol=0, msg=name)
+        moved += not torch.equal(ours.q, rtn_codes[name])
+    assert moved == len(names)  # GPTQ's codes are not RTN's
+    ids = torch.randint(0, 300, (2, 16))
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, gptq(ids).logits, atol=1e-5, rtol=1e-5)
+    assert handler(cfg).starts_at(cfg) == "gptq"
+    with pytest.raises(ValueError, match="base='awq'"):
+        make_config("qa_lora", base="awq")
+
+
+def test_qa_lora_on_a_gptq_base_trains_and_reports_both_starts(tiny_model_dir, text_file, tmp_path):
+    from dlqat.train import train
+    from dlqat.train_config import TrainConfig
+
+    cfg = make_config("qa_lora", n_bits=3, group_size=32, rank=4, base="gptq", steps=6, lr=1e-2)
+    run = TrainConfig(model=str(tiny_model_dir), data=str(text_file), eval_data=str(text_file), seq_len=32,
+                      eval_seq_len=32, output_dir=str(tmp_path / "run"), progress=False, loss="ce")  # fmt: skip
+    ppl = train(cfg, run)["perplexity"]
+    assert set(ppl) == {"float", "rtn", "gptq", "qa_lora"} and ppl["gptq"] != ppl["rtn"]
+    assert ppl["qa_lora"] < ppl["gptq"]
+
+
 def test_gptq_start_trains_and_reports_its_start(tiny_model_dir, text_file, tmp_path, capsys):
     from dlqat.train import train
     from dlqat.train_config import TrainConfig

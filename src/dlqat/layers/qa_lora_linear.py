@@ -5,6 +5,9 @@
 ``(rank, n_groups)``. Since ``B A pool(x) = sum_i x_i (B A)[:, group(i)] / size(group(i))``, the
 adapter is a per-group constant added to the weight, i.e. to ``offset``: after training the layer is
 an ordinary group-quantized weight with the same codes.
+
+The frozen codes start as RTN (min/max); ``keep_float=True`` also keeps the float weight (not saved)
+until ``set_codes`` replaces the codes by a calibrated quantizer's (GPTQ, the QA-LoRA paper's base).
 """
 
 from __future__ import annotations
@@ -19,7 +22,9 @@ from dlqat.quant.primitives import to_groups
 
 
 class QALoRALinear(ActQuant, nn.Module):
-    def __init__(self, linear: nn.Linear, n_bits: int, group_size: int, rank: int, alpha: float) -> None:
+    def __init__(
+        self, linear: nn.Linear, n_bits: int, group_size: int, rank: int, alpha: float, keep_float: bool = False
+    ) -> None:
         super().__init__()
         out_features, in_features = linear.weight.shape
         self.in_features, self.out_features = in_features, out_features
@@ -31,6 +36,9 @@ class QALoRALinear(ActQuant, nn.Module):
         self.register_buffer("q", q.to(torch.int8))
         self.register_buffer("scale", scale)
         self.register_buffer("offset", offset)
+        # the float weight a calibrated base is computed from (moves with the layer, never saved); while
+        # set, the layer computes in float
+        self.register_buffer("float_weight", linear.weight.detach() if keep_float else None, persistent=False)
         self.bias = linear.bias
         if self.bias is not None:
             self.bias.requires_grad_(False)
@@ -50,10 +58,22 @@ class QALoRALinear(ActQuant, nn.Module):
         return self.quantize_output(self._linear(self.quantize_input(x)))
 
     def _linear(self, x: torch.Tensor) -> torch.Tensor:
-        w = dequantize(self.q.to(self.scale.dtype), self.scale, self.offset, self.group_size)
         bias = None if self.bias is None else self.bias.to(x.dtype)
+        if self.float_weight is not None:  # awaiting calibration: float, as the blocks before it saw it
+            return F.linear(x, self.float_weight.to(x.dtype), bias)
+        w = dequantize(self.q.to(self.scale.dtype), self.scale, self.offset, self.group_size)
         base = F.linear(x, w.to(x.dtype), bias)
         return base + self.scaling * F.linear(F.linear(self.pool(x), self.lora_a.to(x.dtype)), self.lora_b.to(x.dtype))
+
+    @torch.no_grad()
+    def set_codes(self, q: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor) -> None:
+        """Replace the frozen base by a calibrated one (same shapes) and drop the float weight."""
+        for name, value in (("q", q), ("scale", scale), ("offset", offset)):
+            current = getattr(self, name)
+            if value.shape != current.shape:
+                raise ValueError(f"set_codes: {name} of shape {tuple(value.shape)}, expected {tuple(current.shape)}")
+            current.copy_(value.to(current.dtype))
+        self.float_weight = None
 
     @torch.no_grad()
     def to_codes(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -1,16 +1,20 @@
-"""QA-LoRA: LoRA on group-pooled inputs over a frozen RTN weight, merged into the offsets at the end
-(see ``dlqat.layers.qa_lora_linear``)."""
+"""QA-LoRA: LoRA on group-pooled inputs over a frozen quantized weight, merged into the offsets at the
+end (see ``dlqat.layers.qa_lora_linear``). The base is RTN, or GPTQ on calibration data (``base="gptq"``,
+the QA-LoRA paper's: its models start from GPTQ checkpoints; it used rank 64 at g128)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import ClassVar
 
+import torch
 from torch import nn
 
 from dlqat.layers.qa_lora_linear import QALoRALinear
 from dlqat.methods.base import Phase, QuantMethodConfig, param_of, require_steps
+from dlqat.methods.calibration import quantize_block_by_block
 from dlqat.methods.registry import QuantMethod, register_method
+from dlqat.quant.gptq import gptq_quantize
 from dlqat.surgery import name_filter, replace_linears
 
 
@@ -23,13 +27,26 @@ class QALoRAConfig(QuantMethodConfig):
     alpha: float = field(default=16.0, metadata={"help": "LoRA alpha; scaling = alpha / rank"})
     steps: int | None = field(default=None, metadata={"help": "optimizer steps; default 2000 (40 in the demo)"})
     lr: float = field(default=2e-4, metadata={"help": "learning rate of A, B"})
+    base: str = field(
+        default="rtn", metadata={"help": "frozen base: rtn (min/max), or gptq on 128 calibration examples (the paper's)"}
+    )
+
+    def __post_init__(self) -> None:
+        if self.base not in _BASES:
+            raise ValueError(f"base={self.base!r}: expected one of {', '.join(_BASES)}")
+        super().__post_init__()
+
+
+_BASES = ("rtn", "gptq")
+GPTQ_BASE_SAMPLES = 128  # calibration examples for base=gptq (the GPTQ baseline's default)
 
 
 @register_method(QALoRAConfig)
 class QALoRA(QuantMethod):
     def prepare(self, model: nn.Module, cfg: QALoRAConfig) -> list[str]:
         def make(_name: str, linear: nn.Linear) -> QALoRALinear:
-            return QALoRALinear(linear, cfg.n_bits, cfg.group_size, cfg.rank, cfg.alpha)
+            keep = cfg.base == "gptq"
+            return QALoRALinear(linear, cfg.n_bits, cfg.group_size, cfg.rank, cfg.alpha, keep_float=keep)
 
         return replace_linears(model, make, name_filter(cfg.target_modules))
 
@@ -37,5 +54,22 @@ class QALoRA(QuantMethod):
         require_steps(cfg, "steps")
         return [Phase("qa_lora: lora_a/lora_b", cfg.steps, cfg.lr, param_of("lora_a", "lora_b"))]
 
+    def calibrate(self, model: nn.Module, cfg: QALoRAConfig, layer_names: list[str], calibration) -> None:
+        """``base="gptq"``: GPTQ block by block (each block calibrated on the quantized blocks before it),
+        the codes, scales and offsets of every layer replaced by GPTQ's."""
+        if cfg.base != "gptq":
+            return
+
+        def quantize_layers(block: list[str], hessians: dict[str, torch.Tensor]) -> None:
+            for name in block:
+                layer = model.get_submodule(name)
+                q, scale, offset = gptq_quantize(layer.float_weight, hessians.pop(name), cfg.n_bits, cfg.group_size)
+                layer.set_codes(q, scale, offset)
+
+        quantize_block_by_block(model, layer_names, calibration[:GPTQ_BASE_SAMPLES], quantize_layers)
+
     def float_teacher(self, cfg: QALoRAConfig) -> bool:
         return False  # the frozen weight is stored as codes
+
+    def starts_at(self, cfg: QALoRAConfig) -> str:
+        return cfg.base  # B = 0: the untrained model is the base (RTN, or GPTQ's model)
