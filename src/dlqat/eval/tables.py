@@ -53,6 +53,8 @@ def line_plot(series: list[tuple[str, dict[str, tuple[list, list]], float | None
               path: Path) -> Path | None:  # fmt: skip
     """One panel per ``(title, {line name: (xs, ys)}, reference y)``; log y, a dashed reference line."""
 
+    from matplotlib.ticker import NullFormatter, ScalarFormatter
+
     def draw(axes):
         for ax, (title, lines, ref) in zip(axes, series):
             for name, (xs, ys) in lines.items():
@@ -60,6 +62,12 @@ def line_plot(series: list[tuple[str, dict[str, tuple[list, list]], float | None
             if ref:
                 ax.axhline(ref, color="gray", linestyle="--", linewidth=1, label="float")
             ax.set(title=title, xlabel=xlabel, ylabel=ylabel, xscale="log", yscale="log")
+            # plain numbers (16.3; the evaluated steps), not 1.63 x 10^1
+            ax.set_xticks(sorted({x for xs, _ in lines.values() for x in xs}))
+            ax.xaxis.set_major_formatter(ScalarFormatter())
+            ax.xaxis.set_minor_formatter(NullFormatter())
+            ax.yaxis.set_major_formatter(ScalarFormatter())
+            ax.yaxis.set_minor_formatter(ScalarFormatter())
             ax.legend(fontsize=7)
 
     return figure(len(series), 4.5, path, draw)
