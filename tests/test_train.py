@@ -78,9 +78,10 @@ def test_killed_run_resumes_to_the_same_result(lr_schedule, tiny_model_dir, text
 def test_finished_run_resumed_with_a_longer_last_phase_equals_the_longer_run(tiny_model_dir, text_file, tmp_path):
     """Curves that span sessions: a finished 3+8-step run, resumed with --phase2_steps 12, ends exactly
     like a 3+12-step run (constant learning rate, data order fixed by seed and step); shrinking is refused."""
-    train(*tiny_configs(tiny_model_dir, text_file, tmp_path / "long", phase2_steps=12))
-    train(*tiny_configs(tiny_model_dir, text_file, tmp_path / "grown", phase2_steps=8))
-    train(*tiny_configs(tiny_model_dir, text_file, tmp_path / "grown", phase2_steps=12, resume=True))
+    configs = lambda out, **more: tiny_configs(tiny_model_dir, text_file, out, lr_schedule="constant", **more)
+    train(*configs(tmp_path / "long", phase2_steps=12))
+    train(*configs(tmp_path / "grown", phase2_steps=8))
+    train(*configs(tmp_path / "grown", phase2_steps=12, resume=True))
     long = load_file(tmp_path / "long" / "quant_state.safetensors")
     grown = load_file(tmp_path / "grown" / "quant_state.safetensors")
     for key in long:
@@ -88,7 +89,7 @@ def test_finished_run_resumed_with_a_longer_last_phase_equals_the_longer_run(tin
     steps = [json.loads(line)["step"] for line in (tmp_path / "grown" / "train_log.jsonl").read_text().splitlines()]
     assert steps == list(range(1, 16))
     with pytest.raises(ValueError, match="phase2_steps: 12 -> 10.*may grow"):
-        train(*tiny_configs(tiny_model_dir, text_file, tmp_path / "grown", phase2_steps=10, resume=True))
+        train(*configs(tmp_path / "grown", phase2_steps=10, resume=True))
 
 
 def test_cosine_schedule_decays_each_phase_and_may_not_grow(tiny_model_dir, text_file, tmp_path):

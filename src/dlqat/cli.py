@@ -33,7 +33,11 @@ def parse_train_args(argv: list[str]) -> tuple[QuantMethodConfig, TrainConfig]:
         if known.preset not in PRESETS or config_cls is not DLQATConfig:
             raise ValueError(f"preset={known.preset!r}: expected one of {sorted(PRESETS)} with --method dl_qat")
         preset = PRESETS[known.preset]
-        given = {arg.split("=", 1)[0].removeprefix("--").removeprefix("no_") for arg in rest if arg.startswith("--")}
+        given = {
+            arg.split("=", 1)[0].removeprefix("--").replace("-", "_").removeprefix("no_")
+            for arg in rest
+            if arg.startswith("--")
+        }
         clash = sorted(set(preset) & given)
         if clash:
             raise ValueError(

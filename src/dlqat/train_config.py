@@ -65,8 +65,9 @@ class TrainConfig:
     lr_schedule: str = field(
         default="constant",
         metadata={
-            "help": "learning rate within each phase: constant, or cosine/linear decay from the phase's lr "
-            "toward 0 at its last step (a decaying run cannot grow on --resume)"
+            "help": "learning rate within each phase: constant (the paper's; its runs may grow on --resume and "
+            "their curve points equal shorter runs), or cosine/linear decay from the phase's lr toward 0 at its "
+            "last step (measured: cosine better at 200 steps, worse at 40)"
         },
     )
     seed: int = field(default=42, metadata={"help": "seed for init and data order"})

@@ -8,6 +8,8 @@ an ordinary group-quantized weight with the same codes.
 
 The frozen codes start as RTN (min/max); ``keep_float=True`` also keeps the float weight (not saved)
 until ``set_codes`` replaces the codes by a calibrated quantizer's (GPTQ, the QA-LoRA paper's base).
+Until then the layer computes RTN, or, with ``in_float`` set (during calibration: the blocks after the
+one being quantized must see float layers), the float weight.
 """
 
 from __future__ import annotations
@@ -36,9 +38,9 @@ class QALoRALinear(ActQuant, nn.Module):
         self.register_buffer("q", q.to(torch.int8))
         self.register_buffer("scale", scale)
         self.register_buffer("offset", offset)
-        # the float weight a calibrated base is computed from (moves with the layer, never saved); while
-        # set, the layer computes in float
+        # the float weight a calibrated base is computed from (moves with the layer, never saved)
         self.register_buffer("float_weight", linear.weight.detach() if keep_float else None, persistent=False)
+        self.in_float = False
         self.bias = linear.bias
         if self.bias is not None:
             self.bias.requires_grad_(False)
@@ -59,7 +61,7 @@ class QALoRALinear(ActQuant, nn.Module):
 
     def _linear(self, x: torch.Tensor) -> torch.Tensor:
         bias = None if self.bias is None else self.bias.to(x.dtype)
-        if self.float_weight is not None:  # awaiting calibration: float, as the blocks before it saw it
+        if self.in_float:  # being calibrated: float, as reference GPTQ's not-yet-quantized layers
             return F.linear(x, self.float_weight.to(x.dtype), bias)
         w = dequantize(self.q.to(self.scale.dtype), self.scale, self.offset, self.group_size)
         base = F.linear(x, w.to(x.dtype), bias)
@@ -73,7 +75,7 @@ class QALoRALinear(ActQuant, nn.Module):
             if value.shape != current.shape:
                 raise ValueError(f"set_codes: {name} of shape {tuple(value.shape)}, expected {tuple(current.shape)}")
             current.copy_(value.to(current.dtype))
-        self.float_weight = None
+        self.float_weight, self.in_float = None, False
 
     @torch.no_grad()
     def to_codes(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

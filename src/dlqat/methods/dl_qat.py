@@ -93,7 +93,7 @@ PRESETS = {
     "dlqat-6": {"use_magnitude": True, "clip_mode": "joint"},
     "paper": {
         "use_magnitude": True, "clip_mode": "learn_then_fix", "init": "minmax", "loss": "ce",
-        "lr": 2e-4, "quant_lr": 2e-4,
+        "lr": 2e-4, "quant_lr": 2e-4, "lr_schedule": "constant",
     },
 }  # fmt: skip
 

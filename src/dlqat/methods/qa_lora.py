@@ -66,6 +66,8 @@ class QALoRA(QuantMethod):
                 q, scale, offset = gptq_quantize(layer.float_weight, hessians.pop(name), cfg.n_bits, cfg.group_size)
                 layer.set_codes(q, scale, offset)
 
+        for name in layer_names:  # a block calibrates on float layers of its own, quantized ones before it
+            model.get_submodule(name).in_float = True
         quantize_block_by_block(model, layer_names, calibration[:GPTQ_BASE_SAMPLES], quantize_layers)
 
     def float_teacher(self, cfg: QALoRAConfig) -> bool:
