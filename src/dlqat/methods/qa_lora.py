@@ -28,7 +28,8 @@ class QALoRAConfig(QuantMethodConfig):
     steps: int | None = field(default=None, metadata={"help": "optimizer steps; default 2000 (40 in the demo)"})
     lr: float = field(default=2e-4, metadata={"help": "learning rate of A, B"})
     base: str = field(
-        default="rtn", metadata={"help": "frozen base: rtn (min/max), or gptq on 128 calibration examples (the paper's)"}
+        default="rtn",
+        metadata={"help": "frozen base: rtn (min/max), or gptq on 128 calibration examples (the paper's)"},
     )
 
     def __post_init__(self) -> None:
