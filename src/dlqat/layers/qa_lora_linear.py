@@ -8,8 +8,8 @@ an ordinary group-quantized weight with the same codes.
 
 The frozen codes start as RTN (min/max); ``keep_float=True`` also keeps the float weight (not saved)
 until ``set_codes`` replaces the codes by a calibrated quantizer's (GPTQ, the QA-LoRA paper's base).
-Until then the layer computes RTN, or, with ``in_float`` set (during calibration: the blocks after the
-one being quantized must see float layers), the float weight.
+Until then the layer computes RTN, or, with ``in_float`` set (during calibration: layers not yet
+quantized compute in float, as in reference GPTQ), the float weight.
 """
 
 from __future__ import annotations
