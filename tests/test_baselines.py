@@ -260,6 +260,8 @@ def test_gptq_block_by_block_equals_the_naive_sequential_loop(arch):
         ours, ref = model.get_submodule(name), naive.get_submodule(name)
         assert (ours.codes() == ref.codes()).float().mean() > 0.999, name
         torch.testing.assert_close(ours.scale, ref.scale, rtol=1e-4, atol=1e-6)
+        # the unpacked weights held while the next block calibrated are released afterwards
+        assert ours._dequantized is None and not ours.keep_dequantized, name
 
 
 def test_gptq_sequential_differs_from_one_float_pass_after_the_first_block():
