@@ -92,16 +92,17 @@ def check_same_run(saved: dict | None, current: dict, ckpt: Path) -> None:
     diffs = []
     if saved["method"] != current["method"]:
         diffs.append(f"method: {saved['method']!r} -> {current['method']!r}")
+    schedule = current["train_config"].get("lr_schedule", ADDED_SETTINGS["lr_schedule"])
     for part in ("method_config", "train_config"):
         new = current[part]
         old = {**{k: v for k, v in ADDED_SETTINGS.items() if k in new}, **saved[part]}
         for key in sorted(set(old) | set(new)):
             if key not in RESUME_MAY_CHANGE + _NOT_SETTINGS and not _same_setting(key, old.get(key), new.get(key)):
                 diffs.append(f"{key}: {old.get(key)!r} -> {new.get(key)!r}")
-            elif key in RESUME_MAY_GROW and old.get(key) != new.get(key) and _decays(current):
+            elif key in RESUME_MAY_GROW and old.get(key) != new.get(key) and schedule != "constant":
                 diffs.append(
-                    f"{key}: {old.get(key)!r} -> {new.get(key)!r} with lr_schedule={_decays(current)!r} (a "
-                    "decaying schedule planned for fewer steps is not the longer run; only a constant lr may grow)"
+                    f"{key}: {old.get(key)!r} -> {new.get(key)!r} with lr_schedule={schedule!r} (a decaying "
+                    "schedule planned for fewer steps is not the longer run; only a constant lr may grow)"
                 )
     if diffs:
         raise CheckpointError(
@@ -113,12 +114,6 @@ def check_same_run(saved: dict | None, current: dict, ckpt: Path) -> None:
 
 
 _PATH_SETTINGS = ("model", "data", "eval_data", "teacher")
-
-
-def _decays(current: dict) -> str | None:
-    """The run's lr schedule when it is not constant (then no phase may grow on resume)."""
-    schedule = current["train_config"].get("lr_schedule", ADDED_SETTINGS["lr_schedule"])
-    return None if schedule == "constant" else schedule
 
 
 def _same_setting(key: str, old, new) -> bool:
