@@ -126,7 +126,8 @@ def test_two_processes_match_one_process(engine, loss, one_process_runs, tiny_mo
     run_two_processes(
         engine, *common(tiny_model_dir, text_file, loss=loss), "--output_dir", str(tmp_path), "--micro_batch_size", "1"
     )
-    assert losses(tmp_path) == pytest.approx(losses(one_process_run), rel=1e-5)
+    # a KL of ~0.002 is the difference of O(1) fp32 terms: its rounding error is ~1e-8 absolute, 1e-5 relative
+    assert losses(tmp_path) == pytest.approx(losses(one_process_run), rel=1e-5, abs=1e-7)
     one, two = (load_file(run / "quant_state.safetensors") for run in (one_process_run, tmp_path))
     assert one.keys() == two.keys()
     for key in one:

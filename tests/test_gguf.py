@@ -83,3 +83,26 @@ def test_tiny_llama_gguf_runs_in_llama_cpp(tmp_path, tokenizer):
     with torch.no_grad():
         ours = model(input_ids=torch.tensor([ids])).logits[0].numpy()
     assert np.abs(theirs - ours).max() < 5e-2
+
+
+def test_gguf_expansion_is_cached_by_content(tmp_path, tokenizer, monkeypatch):
+    """The same GGUF at two paths (a reinstalled package) expands once; a changed file expands anew."""
+    from dlqat.models import expand_gguf
+
+    monkeypatch.setenv("DLQAT_CACHE", str(tmp_path / "cache"))
+
+    def write(folder: str, seed: int):
+        torch.manual_seed(seed)
+        model = LlamaForCausalLM(LlamaConfig(**TINY, tie_word_embeddings=False)).eval()
+        prepare(model, DLQATConfig(n_bits=4, group_size=32, rank=4))
+        convert(model)
+        return export_gguf(model, tokenizer, tmp_path / folder / "m.gguf")
+
+    first = write("a", seed=0)
+    copy = tmp_path / "b" / "m.gguf"
+    copy.parent.mkdir()
+    copy.write_bytes(first.read_bytes())
+    expanded = expand_gguf(first)
+    assert expand_gguf(copy) == expanded and len(list((tmp_path / "cache").iterdir())) == 1
+    assert expand_gguf(write("c", seed=1)) != expanded
+    assert len(list((tmp_path / "cache").iterdir())) == 2

@@ -28,22 +28,32 @@ def reference_losses(z_s, z_t, labels, temperature):
 
 @pytest.mark.parametrize("chunk", [1, 7, 512])
 @pytest.mark.parametrize("temperature", [1.0, 2.0])
-def test_chunked_losses_equal_the_full_vocabulary_reference(chunk, temperature):
+@pytest.mark.parametrize("head_trained", [False, True], ids=["frozen_head", "trained_head"])
+@pytest.mark.parametrize("want_ce", [False, True], ids=["kd", "kd+ce"])
+def test_chunked_losses_equal_the_full_vocabulary_reference(chunk, temperature, head_trained, want_ce):
+    """Values and gradients: a frozen head takes each chunk's gradient in forward, a trained one recomputes
+    the chunk in backward (its weight needs a gradient too)."""
     torch.manual_seed(0)
-    head = torch.nn.Linear(16, 50, bias=False).double()
+    head = torch.nn.Linear(16, 50, bias=False).double().requires_grad_(head_trained)
     h_s = torch.randn(2, 9, 16, dtype=torch.float64, requires_grad=True)
     h_t = torch.randn(2, 9, 16, dtype=torch.float64)
     labels = torch.randint(0, 50, (2, 9))
     labels[0, :3] = IGNORE_INDEX  # a prompt
     labels[1, 7:] = IGNORE_INDEX  # padding
-    kl, ce, n = token_losses(h_s, h_t, labels, head, temperature, want_ce=True, chunk_tokens=chunk)
-    ref_kl, ref_ce, ref_n = reference_losses(head(h_s), head(h_t), labels, temperature)
+    kl, ce, n = token_losses(h_s, h_t, labels, head, temperature, want_ce=want_ce, chunk_tokens=chunk)
+    ref_kl, ref_ce, ref_n = reference_losses(head(h_s), head(h_t).detach(), labels, temperature)  # teacher: a target
     assert n == ref_n == 12
     torch.testing.assert_close(kl.double(), ref_kl, rtol=1e-6, atol=1e-9)
-    torch.testing.assert_close(ce.double(), ref_ce, rtol=1e-6, atol=1e-9)
-    (grad,) = torch.autograd.grad(kl + ce, h_s)  # through the checkpointed chunks
-    (ref_grad,) = torch.autograd.grad(ref_kl + ref_ce, h_s)
-    torch.testing.assert_close(grad, ref_grad, rtol=1e-6, atol=1e-9)
+    if want_ce:
+        torch.testing.assert_close(ce.double(), ref_ce, rtol=1e-6, atol=1e-9)
+    else:
+        assert ce == 0
+    inputs = [h_s, head.weight] if head_trained else [h_s]
+    weights = (0.7, 1.9 if want_ce else 0.0)  # kl and ce get different gradients from the caller
+    grads = torch.autograd.grad(weights[0] * kl + weights[1] * ce, inputs)
+    ref_grads = torch.autograd.grad(weights[0] * ref_kl + weights[1] * ref_ce, inputs)
+    for grad, ref_grad in zip(grads, ref_grads, strict=True):
+        torch.testing.assert_close(grad, ref_grad, rtol=1e-6, atol=1e-9)
 
 
 def test_softcap_and_a_separate_teacher_head():

@@ -25,12 +25,12 @@ def expand_gguf(gguf_path: Path) -> Path:
     """Expand a GGUF file to a float HF folder once (transformers dequantizes it, ~15 s) and cache it.
 
     Written to a temporary folder and renamed into place, so a killed expansion never leaves a
-    half-written cache behind.
+    half-written cache behind. Keyed by the file's content, not its path: every reinstall of the
+    package (a new virtual environment, a new path) reuses the one expansion instead of adding another
+    full-size float copy to the cache.
     """
     gguf_path = gguf_path.resolve()
-    stat = gguf_path.stat()
-    key = hashlib.sha1(f"{gguf_path}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:12]
-    target = cache_dir() / f"{gguf_path.stem}-{key}"
+    target = cache_dir() / f"{gguf_path.stem}-{_content_key(gguf_path)}"
     if (target / "config.json").is_file():
         return target
     log.info("expanding %s to %s (once)", gguf_path, target)
@@ -47,6 +47,15 @@ def expand_gguf(gguf_path: Path) -> Path:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
     return target
+
+
+def _content_key(path: Path, block: int = 1 << 22) -> str:
+    """First 12 hex digits of the file's SHA-256 (~0.1 s for the 100 MB default model)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(block):
+            digest.update(chunk)
+    return digest.hexdigest()[:12]
 
 
 def resolve_model_path(spec: str | None) -> str:

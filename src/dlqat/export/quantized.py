@@ -76,7 +76,7 @@ def _tie_by_construction(model: PreTrainedModel, table: QuantizedLinear, dtype: 
     longer exists; the config flag is what it consults, and the sharing is structural now anyway.
     """
     inp = model.get_input_embeddings()
-    table.keep_dequantized = not table.int4_ok()
+    table.hold_unpacked(not table.int4_ok())
     embed_scale = getattr(inp, "scalar_embed_scale", None)  # Gemma's scaled embedding, as a float
     if embed_scale is None and isinstance(getattr(inp, "embed_scale", None), torch.Tensor):
         if inp.embed_scale.device.type == "meta":

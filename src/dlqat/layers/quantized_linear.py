@@ -96,6 +96,13 @@ class QuantizedLinear(ActQuant, nn.Module):
         self._dequantized = weight if self.keep_dequantized else None
         return weight
 
+    def hold_unpacked(self, hold: bool) -> None:
+        """Keep the unpacked float weight between forwards (a layer run many times, e.g. a calibrated
+        block feeding the next one, or a tied head no kernel takes), or drop it now."""
+        self.keep_dequantized = hold
+        if not hold:
+            self._dequantized = None
+
     def rows(self, index: torch.Tensor) -> torch.Tensor:
         """Dequantized weight rows ``index`` -> ``(*index.shape, in)``: an embedding lookup in the packed table."""
         flat = index.reshape(-1)

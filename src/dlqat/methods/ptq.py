@@ -116,7 +116,7 @@ class GPTQ(RTN):
 
         def release() -> None:
             for layer in unpacked:
-                layer.keep_dequantized, layer._dequantized = False, None
+                layer.hold_unpacked(False)
             unpacked.clear()
 
         def gptq_layers(names: list[str], hessians: dict[str, torch.Tensor]) -> None:
@@ -126,7 +126,7 @@ class GPTQ(RTN):
                 w = linear.weight.detach().float()
                 q, scale, offset = gptq_quantize(w, hessians.pop(name), cfg.n_bits, cfg.group_size, cfg.damp)
                 layer = QuantizedLinear.from_codes(q, scale, offset, cfg.n_bits, cfg.group_size, linear.bias)
-                layer.keep_dequantized = True
+                layer.hold_unpacked(True)
                 unpacked.append(layer)
                 return layer
 
