@@ -7,6 +7,9 @@ are the *reported* ones, never used to choose.
 
     python bench/recipe_study.py --bits 3 --group_size 128 --phase1_steps 8 --phase2_steps 32 \\
         --recipes paper,ce-lr1e-3,kd-lr1e-3 --out docs/study/w3g128-40
+
+``--model`` studies another model (a hub id, folder or .gguf; default: the embedded SmolLM2-135M);
+``EMBEDDED`` in a recipe (a ``--teacher``) then means that model.
 """
 
 from __future__ import annotations
@@ -73,7 +76,9 @@ def dlqat(*args: str) -> None:
 def run_recipe(name: str, args: argparse.Namespace, runs: Path) -> dict:
     run = runs / name
     total = args.phase1_steps + args.phase2_steps  # every recipe trains the same number of steps
-    flags = [str(resources.default_gguf()) if flag == "EMBEDDED" else flag for flag in RECIPES[name]]
+    model = args.model or str(resources.default_gguf())
+    flags = [model if flag == "EMBEDDED" else flag for flag in RECIPES[name]]
+    flags += ["--model", args.model] if args.model else []
     if name in UNTRAINED:
         steps = []
     elif "--method" in flags:
@@ -96,7 +101,7 @@ def run_recipe(name: str, args: argparse.Namespace, runs: Path) -> dict:
     for domain in DOMAINS:
         result = run / f"eval-{domain}.json"
         if not result.is_file():
-            dlqat("eval", str(run), "--eval-data", str(domain_file(domain)), "--seq-len", "512",
+            dlqat("eval", "--path", str(run), "--eval-data", str(domain_file(domain)), "--seq-len", "512",
                   "--max-windows", str(args.windows), "--output", str(result))  # fmt: skip
         row[domain] = json.loads(result.read_text())["perplexity"]["perplexity"]
     return row
@@ -108,6 +113,7 @@ def reference(kind: str, args: argparse.Namespace, runs: Path) -> dict:
         result = runs / f"{kind}-eval-{domain}.json"
         if not result.is_file():
             extra = ["--rtn-bits", str(args.bits), "--group-size", str(args.group_size)] if kind == "rtn" else []
+            extra += ["--path", args.model] if args.model else []
             dlqat("eval", "--eval-data", str(domain_file(domain)), "--seq-len", "512",
                   "--max-windows", str(args.windows), "--output", str(result), *extra)  # fmt: skip
         row[domain] = json.loads(result.read_text())["perplexity"]["perplexity"]
@@ -134,6 +140,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--windows", type=int, default=16, help="512-token windows per domain")
     parser.add_argument("--recipes", default="paper,ce-lr1e-3,kd-lr1e-3")
+    parser.add_argument("--model", default=None, help="hub id, folder or .gguf (default: the embedded SmolLM2-135M)")
     parser.add_argument("--out", required=True, help="folder for table.md and rows.json (committed)")
     parser.add_argument("--runs", default=None, help="folder for the run folders (default runs/study/<out name>)")
     args = parser.parse_args()
@@ -148,7 +155,8 @@ def main() -> None:
         rows.append(run_recipe(name, args, runs))
         budget = (args.phase1_steps + args.phase2_steps) * args.grad_accum * args.seq_len
         text = (
-            f"W{args.bits} g{args.group_size}, {args.phase1_steps}+{args.phase2_steps} steps x {args.grad_accum} x "
+            (f"{args.model}: " if args.model else "")
+            + f"W{args.bits} g{args.group_size}, {args.phase1_steps}+{args.phase2_steps} steps x {args.grad_accum} x "
             f"{args.seq_len} tokens ({budget:,} training tokens of c4.utf8), seed {args.seed}; token-level "
             f"perplexity, {args.windows} x 512-token windows per domain (ratio to float in brackets)\n\n"
             + table(rows, rows[0])
