@@ -53,7 +53,7 @@ def line_plot(series: list[tuple[str, dict[str, tuple[list, list]], float | None
               path: Path) -> Path | None:  # fmt: skip
     """One panel per ``(title, {line name: (xs, ys)}, reference y)``; log y, a dashed reference line."""
 
-    from matplotlib.ticker import NullFormatter, ScalarFormatter
+    from matplotlib.ticker import LogFormatter, NullFormatter, ScalarFormatter
 
     def draw(axes):
         for ax, (title, lines, ref) in zip(axes, series):
@@ -67,7 +67,8 @@ def line_plot(series: list[tuple[str, dict[str, tuple[list, list]], float | None
             ax.xaxis.set_major_formatter(ScalarFormatter())
             ax.xaxis.set_minor_formatter(NullFormatter())
             ax.yaxis.set_major_formatter(ScalarFormatter())
-            ax.yaxis.set_minor_formatter(ScalarFormatter())
+            # every minor tick labelled over a narrow range, only some (2, 3, 5 x 10^k) over a decade or more
+            ax.yaxis.set_minor_formatter(LogFormatter(labelOnlyBase=False, minor_thresholds=(2, 0.5)))
             ax.legend(fontsize=7)
 
     return figure(len(series), 4.5, path, draw)
