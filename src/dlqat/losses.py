@@ -122,7 +122,7 @@ def token_losses(
     heads = (head, head if teacher_head is None else teacher_head)
     softcaps = (softcap, softcap if teacher_head is None else teacher_softcap)
     kl_sum = ce_sum = student.new_zeros((), dtype=torch.float32)
-    trained_head = any(p.requires_grad for h in heads for p in h.parameters())
+    trained_head = any(p.requires_grad for p in head.parameters())  # the teacher's head runs without grad
     for start in range(0, len(targets), chunk_tokens):
         part = slice(start, start + chunk_tokens)
         args = (student[part], None if teacher is None else teacher[part], targets[part], heads, softcaps)
