@@ -1,5 +1,6 @@
 """Data loading: Alpaca and text files, masking, errors that point at the record, resumable order."""
 
+import copy
 import json
 
 import pytest
@@ -109,3 +110,32 @@ def test_chunk_drops_only_the_short_tail():
         {"input_ids": [0, 1, 2, 3], "labels": [0, 1, 2, 3]},
         {"input_ids": [4, 5, 6, 7], "labels": [4, 5, 6, 7]},
     ]
+
+
+def test_chunk_puts_the_bos_first_and_keeps_the_stream_contiguous():
+    assert chunk_tokens(list(range(10, 17)), 4, bos=1) == [
+        {"input_ids": [1, 10, 11, 12], "labels": [1, 10, 11, 12]},
+        {"input_ids": [1, 13, 14, 15], "labels": [1, 13, 14, 15]},
+    ]
+
+
+def test_bos_models_get_their_bos_in_training_examples(tokenizer, tmp_path, alpaca_file):
+    """A tokenizer that adds a BOS by default (Gemma, Llama 3) gets it on every example; ours adds none."""
+    from tokenizers.processors import TemplateProcessing
+
+    from dlqat.data import leading_bos
+
+    assert leading_bos(tokenizer) is None
+    with_bos = copy.deepcopy(tokenizer)
+    with_bos.add_special_tokens({"bos_token": "<s>"})
+    bos = with_bos.bos_token_id
+    with_bos._tokenizer.post_processor = TemplateProcessing(single="<s> $A", special_tokens=[("<s>", bos)])
+    assert with_bos("a b")["input_ids"][0] == bos and leading_bos(with_bos) == bos
+    text = tmp_path / "t.txt"
+    text.write_text("one two three four five six seven eight nine ten " * 20)
+    blocks = load_examples(text, with_bos, seq_len=8)
+    assert blocks and all(b["input_ids"][0] == bos and len(b["input_ids"]) == 8 for b in blocks)
+    plain = load_examples(text, tokenizer, seq_len=8)
+    assert blocks[0]["input_ids"][1:] == plain[0]["input_ids"][:7]
+    records = load_examples(alpaca_file, with_bos, seq_len=512)
+    assert all(r["input_ids"][0] == bos and r["labels"][0] == IGNORE_INDEX for r in records)

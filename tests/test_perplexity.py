@@ -9,16 +9,20 @@ from conftest import tiny_model
 from dlqat.eval import perplexity
 
 
-def test_matches_naive_token_loop():
+@pytest.mark.parametrize("bos", [None, 7])
+def test_matches_naive_token_loop(bos):
+    """With a BOS (models whose tokenizer adds one) each window is read after it; the same tokens are scored."""
     model = tiny_model("llama")
     ids = torch.randint(0, 300, (70,))
-    result = perplexity(model, ids, seq_len=16, progress=False, batch_size=3)
+    result = perplexity(model, ids, seq_len=16, progress=False, batch_size=3, bos_token_id=bos)
     nll, count = 0.0, 0
     for w in range(70 // 16):
         window = ids[w * 16 : (w + 1) * 16]
-        logprobs = torch.log_softmax(model(input_ids=window[None]).logits[0].double(), -1)
+        fed = window if bos is None else torch.cat([torch.tensor([bos]), window])
+        shift = 0 if bos is None else 1
+        logprobs = torch.log_softmax(model(input_ids=fed[None]).logits[0].double(), -1)
         for t in range(1, 16):
-            nll -= logprobs[t - 1, window[t]].item()
+            nll -= logprobs[t - 1 + shift, window[t]].item()
             count += 1
     assert result.windows == 4 and result.tokens == count == 60
     assert result.perplexity == pytest.approx(math.exp(nll / count), rel=1e-5)

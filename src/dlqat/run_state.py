@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 
-from dlqat.data import Example
+from dlqat.data import Example, leading_bos
 from dlqat.eval.perplexity import perplexity
 from dlqat.methods import QuantMethod, QuantMethodConfig
 from dlqat.methods.base import Phase
@@ -73,7 +73,10 @@ def evaluate(run: Run, label: str) -> None:
 
 def _perplexity(run: Run, model, ids: list[int], name: str):
     with run.accelerator.autocast():
-        return perplexity(model, ids, run.cfg.eval_seq_len, run.cfg.eval_max_windows, name, progress=run.cfg.progress)
+        return perplexity(
+            model, ids, run.cfg.eval_seq_len, run.cfg.eval_max_windows, name, progress=run.cfg.progress,
+            bos_token_id=leading_bos(run.tokenizer),
+        )  # fmt: skip
 
 
 def curve_point(run: Run, model, step: int) -> None:

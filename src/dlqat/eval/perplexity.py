@@ -3,7 +3,9 @@
 The text is tokenized as one stream (no special tokens added) and cut into non-overlapping windows of
 ``seq_len`` tokens (stride = ``seq_len``; the tail shorter than a window is dropped). Each window is
 scored independently; the first token of a window is not predicted. Perplexity is token-weighted:
-``exp(sum of NLL over predicted tokens / number of predicted tokens)``.
+``exp(sum of NLL over predicted tokens / number of predicted tokens)``. For a model whose tokenizer puts
+a BOS before every text (``bos_token_id``), each window is fed as ``[BOS] + window`` and the same tokens
+are predicted: such models are far worse without it.
 """
 
 from __future__ import annotations
@@ -37,7 +39,6 @@ class PerplexityResult:
 
 
 @torch.no_grad()
-@torch.no_grad()
 def perplexity(
     model: nn.Module,
     token_ids: list[int] | torch.Tensor,
@@ -46,6 +47,7 @@ def perplexity(
     source: str = "text",
     batch_size: int = 1,
     progress: bool = True,
+    bos_token_id: int | None = None,
 ) -> PerplexityResult:
     """Token-weighted perplexity of ``model`` on ``token_ids`` (see module docstring)."""
     ids = torch.as_tensor(token_ids, dtype=torch.long)
@@ -61,8 +63,12 @@ def perplexity(
     nll_sum, tokens = 0.0, 0
     for start in tqdm(range(0, windows, batch_size), desc="perplexity", disable=not progress, leave=False):
         batch = ids[start : start + batch_size].to(device)
-        logits = model(input_ids=batch).logits.float()  # (B, T, V)
-        nll = F.cross_entropy(logits[:, :-1].flatten(0, 1), batch[:, 1:].flatten(), reduction="sum")
+        if bos_token_id is None:
+            logits = model(input_ids=batch).logits.float()[:, :-1]  # (B, T - 1, V)
+        else:
+            with_bos = F.pad(batch, (1, 0), value=bos_token_id)
+            logits = model(input_ids=with_bos).logits.float()[:, 1:-1]
+        nll = F.cross_entropy(logits.flatten(0, 1), batch[:, 1:].flatten(), reduction="sum")
         nll_sum += nll.item()
         tokens += batch[:, 1:].numel()
     model.train(was_training)

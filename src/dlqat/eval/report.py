@@ -43,7 +43,7 @@ def evaluate_model(args: EvalConfig) -> dict:
     import torch
 
     from dlqat import resources
-    from dlqat.data import read_text, tokenize_text
+    from dlqat.data import leading_bos, read_text, tokenize_text
     from dlqat.eval.perplexity import perplexity
     from dlqat.eval.zero_shot import evaluate_tasks
     from dlqat.layers import set_act_quant
@@ -62,6 +62,7 @@ def evaluate_model(args: EvalConfig) -> dict:
                 args.eval_seq_len,
                 args.eval_max_windows,
                 Path(source).name,
+                bos_token_id=leading_bos(tokenizer),
             )
         result["perplexity"] = {"kind": "token-level", **ppl.to_dict(), "description": ppl.describe()}
     if args.tasks:
