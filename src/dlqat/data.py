@@ -112,10 +112,9 @@ def tokenize_instructions(
     """[BOS] + prompt + response (+ EOS), truncated to ``seq_len``; prompt tokens masked unless asked."""
     examples = []
     bos = leading_bos(tokenizer)
+    prefix = [] if bos is None else [bos]
     for record in records:
-        prompt = ([bos] if bos is not None else []) + tokenizer(alpaca_prompt(record), add_special_tokens=False)[
-            "input_ids"
-        ]
+        prompt = prefix + tokenizer(alpaca_prompt(record), add_special_tokens=False)["input_ids"]
         response = tokenizer(record["output"], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
         ids = (prompt + response)[:seq_len]
         labels = (ids if train_on_prompt else [IGNORE_INDEX] * len(prompt) + response)[:seq_len]
