@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from dlqat import DLQATConfig, prepare
-from dlqat.data import read_text, tokenize_text
+from dlqat.data import leading_bos, read_text, tokenize_text
 from dlqat.eval.perplexity import perplexity
 from dlqat.export import convert, load_quantized, save_quantized
 from dlqat.export.formats import export, quantized_dir
@@ -93,20 +93,21 @@ def llama_cpp_speeds(gguf_path: Path, prompt: list[int], prefill: list[int], n_n
     return n_new / (t_dec - t_prompt), len(prefill) / timed(pre), decode()
 
 
-def llama_cpp_perplexity(gguf_path: Path, ids: list[int], seq_len: int, windows: int) -> float:
-    """Same windows and token weighting as ``dlqat.eval.perplexity``, scored by llama.cpp."""
+def llama_cpp_perplexity(gguf_path: Path, ids: list[int], seq_len: int, windows: int, bos: int | None) -> float:
+    """Same windows, BOS and token weighting as ``dlqat.eval.perplexity``, scored by llama.cpp."""
     import llama_cpp
     import numpy as np
 
     llm = llama_cpp.Llama(
-        model_path=str(gguf_path), n_ctx=seq_len, logits_all=True, n_threads=torch.get_num_threads(), verbose=False
+        model_path=str(gguf_path), n_ctx=seq_len + 1, logits_all=True, n_threads=torch.get_num_threads(), verbose=False
     )
+    prefix = [] if bos is None else [bos]
     nll, count = 0.0, 0
     for w in range(windows):
         window = ids[w * seq_len : (w + 1) * seq_len]
         llm.reset()
-        llm.eval(window)
-        logits = np.asarray(llm.scores[: seq_len - 1], dtype=np.float64)
+        llm.eval(prefix + window)
+        logits = np.asarray(llm.scores[len(prefix) : len(prefix) + seq_len - 1], dtype=np.float64)
         logz = np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1)) + logits.max(-1)
         nll += float((logz - logits[np.arange(seq_len - 1), window[1:]]).sum())
         count += seq_len - 1
@@ -134,6 +135,7 @@ def main() -> None:
     packed_dir = export(qdir, "dlqat", work / "packed", dtype="bf16")
     gguf_path = export(qdir, "gguf", work / "model.gguf")
     text_ids = tokenize_text(read_text(default_eval_text()), tok)
+    bos = leading_bos(tok)
     prompt = torch.tensor([text_ids[:16]])
     prefill = torch.tensor([text_ids[1000 : 1000 + args.prefill]])
 
@@ -157,7 +159,7 @@ def main() -> None:
     set_backend(q_model, "dequant")
     dec, pre, ids = hf_speeds(q_model, prompt, prefill, args.tokens)
     add("dlqat packed (float unpack)", dec, pre, (packed_dir / "model.safetensors").stat().st_size, ids)
-    ppl_ours = perplexity(q_model, text_ids, 512, args.ppl_windows, progress=False).perplexity
+    ppl_ours = perplexity(q_model, text_ids, 512, args.ppl_windows, progress=False, bos_token_id=bos).perplexity
     notes = []
 
     ppl_embed = [f"bf16 table {ppl_ours:.3f}"]
@@ -171,7 +173,7 @@ def main() -> None:
         size = (embed_dir / "model.safetensors").stat().st_size
         add(f"dlqat packed + {bits}-bit g{group} embedding (int4 kernels)", dec, pre, size, ids)
         set_backend(e_model, "dequant")
-        ppl = perplexity(e_model, text_ids, 512, args.ppl_windows, progress=False).perplexity
+        ppl = perplexity(e_model, text_ids, 512, args.ppl_windows, progress=False, bos_token_id=bos).perplexity
         ppl_embed.append(f"{bits}-bit g{group} table {ppl:.3f} ({100 * (ppl / ppl_ours - 1):+.2f}%)")
         del e_model
     notes.append(f"perplexity of the dlqat model, {args.ppl_windows} x 512 tokens: " + ", ".join(ppl_embed))
@@ -188,7 +190,7 @@ def main() -> None:
             f"greedy tokens equal between dlqat (int4 kernels) and llama.cpp on the GGUF: {same}/{args.tokens}"
             + ("" if first_diff is None else f" (first difference at token {first_diff})")
         )
-        ppl_cpp = llama_cpp_perplexity(gguf_path, text_ids, 512, args.ppl_windows)
+        ppl_cpp = llama_cpp_perplexity(gguf_path, text_ids, 512, args.ppl_windows, bos)
         notes.append(
             f"perplexity, {args.ppl_windows} x 512 tokens of wiki.utf8: dlqat {ppl_ours:.3f}, "
             f"llama.cpp on the GGUF {ppl_cpp:.3f} ({100 * (ppl_cpp / ppl_ours - 1):+.2f}%)"

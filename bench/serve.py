@@ -19,16 +19,16 @@ from pathlib import Path
 import torch
 
 from dlqat import load, resources
-from dlqat.data import read_text, tokenize_text
+from dlqat.data import leading_bos, read_text, tokenize_text
 from dlqat.eval.perplexity import perplexity
 from dlqat.eval.tables import markdown_table
 from dlqat.export.formats import export
 from dlqat.layers.quantized_linear import set_backend
 
 
-def dlqat_row(run: Path, ids: list[int], args) -> list:
+def dlqat_row(run: Path, ids: list[int], bos: int | None, args) -> list:
     model, tokenizer = load(run / "quantized", dtype=torch.float32)
-    ppl = perplexity(model, ids, 512, args.windows, "wiki.utf8", progress=False).perplexity
+    ppl = perplexity(model, ids, 512, args.windows, "wiki.utf8", progress=False, bos_token_id=bos).perplexity
     set_backend(model, "auto")
     prompt = torch.tensor([ids[:16]])
     with torch.no_grad():
@@ -44,7 +44,7 @@ def dlqat_row(run: Path, ids: list[int], args) -> list:
     ]
 
 
-def mlx_row(run: Path, ids: list[int], dtype: str, args) -> list:
+def mlx_row(run: Path, ids: list[int], bos: int | None, dtype: str, args) -> list:
     import mlx.core as mx
     import mlx_lm
     from mlx_lm.generate import generate_step
@@ -53,9 +53,10 @@ def mlx_row(run: Path, ids: list[int], dtype: str, args) -> list:
         out = export(run, "mlx", Path(tmp) / "mlx", dtype=dtype)
         model, _ = mlx_lm.load(str(out))
         nll, count = 0.0, 0
+        prefix = [] if bos is None else [bos]  # read each window after the BOS, as dlqat's perplexity does
         for w in range(args.windows):
             window = mx.array([ids[w * 512 : (w + 1) * 512]])
-            logits = model(window[:, :-1]).astype(mx.float32)
+            logits = model(mx.array([prefix + ids[w * 512 : (w + 1) * 512 - 1]])).astype(mx.float32)[:, len(prefix) :]
             logp = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
             picked = mx.take_along_axis(logp, window[:, 1:, None], axis=-1)
             nll -= float(picked.sum())
@@ -83,11 +84,12 @@ def main() -> None:
     run = Path(args.run)
     _, tokenizer = load(run / "quantized")
     ids = tokenize_text(read_text(resources.default_eval_text()), tokenizer)
+    bos = leading_bos(tokenizer)
     head = ["engine", "format", f"perplexity ({args.windows} x 512 wiki)", "decode tok/s"]
     rows = []
     for make in [
-        lambda: dlqat_row(run, ids, args),
-        *(lambda d=d: mlx_row(run, ids, d, args) for d in args.mlx_dtypes.split(",")),
+        lambda: dlqat_row(run, ids, bos, args),
+        *(lambda d=d: mlx_row(run, ids, bos, d, args) for d in args.mlx_dtypes.split(",")),
     ]:
         rows.append(make())
         print(rows[-1], flush=True)
