@@ -11,6 +11,7 @@ from dlqat.data import (
     alpaca_prompt,
     chunk_tokens,
     collate,
+    examples_fingerprint,
     load_examples,
     micro_batch_indices,
 )
@@ -139,3 +140,13 @@ def test_bos_models_get_their_bos_in_training_examples(tokenizer, tmp_path, alpa
     assert blocks[0]["input_ids"][1:] == plain[0]["input_ids"][:7]
     records = load_examples(alpaca_file, with_bos, seq_len=512)
     assert all(r["input_ids"][0] == bos and r["labels"][0] == IGNORE_INDEX for r in records)
+
+
+def test_examples_fingerprint_sees_tokens_labels_order_and_boundaries():
+    examples = [{"input_ids": [1, 2, 3], "labels": [1, 2, 3]}, {"input_ids": [4, 5], "labels": [-100, 5]}]
+    same = [{"input_ids": list(e["input_ids"]), "labels": list(e["labels"])} for e in examples]
+    assert examples_fingerprint(examples) == examples_fingerprint(same)
+    other_label = [examples[0], {"input_ids": [4, 5], "labels": [4, 5]}]
+    moved_boundary = [{"input_ids": [1, 2], "labels": [1, 2]}, {"input_ids": [3, 4, 5], "labels": [3, -100, 5]}]
+    fingerprints = {examples_fingerprint(e) for e in (examples, other_label, examples[::-1], moved_boundary)}
+    assert len(fingerprints) == 4

@@ -139,6 +139,23 @@ def test_resume_may_change_save_every_and_progress(run_copy, tiny_model_dir, tex
     assert main(["train", *tiny_args(tiny_model_dir, same_file, run_copy, **flags), "--resume"]) == 0
 
 
+def test_resume_on_edited_data_at_the_same_path_is_refused(tiny_model_dir, text_file, tmp_path, capsys):
+    data = tmp_path / "train.txt"
+    data.write_text(text_file.read_text())
+    argv = ["train", *tiny_args(tiny_model_dir, data, tmp_path / "run", **RUN_FLAGS)]
+    assert main(argv) == 0
+    data.write_text("One more sentence. " + text_file.read_text())  # same path and settings, other examples
+    refused([*argv, "--resume"], capsys, "other training data", "fingerprint", watch=(tmp_path / "run",))
+
+
+def test_checkpoint_without_a_data_fingerprint_resumes(run_copy, tiny_model_dir, text_file):
+    """Written before fingerprints were kept: its data cannot be checked, so it resumes as before."""
+    ckpt = load_checkpoint(run_copy / "checkpoint.pt")
+    assert len(ckpt["settings"].pop("data_fingerprint")) == 64
+    torch.save(ckpt, run_copy / "checkpoint.pt")
+    assert main(["train", *tiny_args(tiny_model_dir, text_file, run_copy, **RUN_FLAGS), "--resume"]) == 0
+
+
 def test_resumed_log_is_cut_back_to_the_checkpoint(tiny_model_dir, text_file, tmp_path, monkeypatch):
     class Killed(Exception):
         pass

@@ -7,6 +7,7 @@ dataset name (needs ``datasets``; a ``text`` column or Alpaca columns).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 from collections.abc import Iterator
@@ -34,6 +35,20 @@ PROMPT_NO_INPUT = (
 log = logging.getLogger(__name__)
 
 Example = dict[str, list[int]]  # {"input_ids": [...], "labels": [...]}
+
+
+def examples_fingerprint(examples: list[Example]) -> str:
+    """sha256 of the training examples' tokens and labels, in order.
+
+    A checkpoint keeps it so that a resume refuses other data: an edited data file at the same path, or the
+    same file tokenized differently (another tokenizer version, or a BOS added since), would otherwise
+    continue the run on examples it never started with."""
+    digest = hashlib.sha256()
+    for example in examples:
+        for key in ("input_ids", "labels"):
+            ids = torch.as_tensor(example[key], dtype=torch.int64)
+            digest.update(ids.numel().to_bytes(8, "little") + ids.numpy().tobytes())
+    return digest.hexdigest()
 
 
 class DataError(ValueError):

@@ -113,6 +113,17 @@ def check_same_run(saved: dict | None, current: dict, ckpt: Path) -> None:
         )
 
 
+def check_same_data(saved: str | None, current: str, ckpt: Path) -> None:
+    """Refuse a resume on other training examples than the checkpoint's (see ``examples_fingerprint``).
+    A checkpoint written before fingerprints were kept (``None``) resumes: its data cannot be checked."""
+    if saved is not None and saved != current:
+        raise CheckpointError(
+            f"{ckpt}: --resume on other training data than the run it continues (the examples' fingerprint "
+            f"{saved[:12]} is now {current[:12]}: the data file, its tokenizer or the tokenization changed). "
+            "Resume with the run's data or start a new run"
+        )
+
+
 _PATH_SETTINGS = ("model", "data", "eval_data", "teacher")
 
 

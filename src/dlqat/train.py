@@ -20,7 +20,7 @@ from accelerate.utils import set_seed
 from safetensors.torch import save_file
 
 from dlqat import resources
-from dlqat.data import Example, collate, load_examples, read_text, tokenize_text
+from dlqat.data import Example, collate, examples_fingerprint, load_examples, read_text, tokenize_text
 from dlqat.eval.report import write_results
 from dlqat.export import convert, save_quantized
 from dlqat.fileio import atomic_write, atomic_write_json
@@ -36,6 +36,7 @@ from dlqat.run_folder import (
     CONFIG_FILE,
     CURVE_FILE,
     LOG_FILE,
+    check_same_data,
     check_same_run,
     discard_run,
     load_checkpoint,
@@ -92,6 +93,9 @@ def _setup(method_cfg, cfg, model, tokenizer, data) -> Run:
     run = Run(method_cfg, cfg, handler(method_cfg), _accelerator(cfg), settings, ckpt)
     set_seed(cfg.seed)
     _load_inputs(run, model, tokenizer, data)
+    settings["data_fingerprint"] = examples_fingerprint(run.examples)
+    if ckpt:
+        check_same_data(ckpt["settings"].get("data_fingerprint"), settings["data_fingerprint"], out / CHECKPOINT)
     if ckpt and ckpt["optimizer_layout"] != optimizer_layout(run.accelerator):
         raise ValueError(
             f"{out / CHECKPOINT}: optimizer state laid out as {ckpt['optimizer_layout']!r} (written by a run on "
