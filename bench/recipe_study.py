@@ -59,6 +59,7 @@ RECIPES = {
     "lora_gptq": ["--method", "lora_gptq"],
     "kd-lr2e-3-mse-zpint": ["--loss", "kd", "--lr", "2e-3", "--quant_lr", "1e-4", "--init", "mse", "--zero_point", "int"],
     "kd-lr2e-3-gptq": ["--loss", "kd", "--lr", "2e-3", "--quant_lr", "1e-4", "--init", "gptq", "--teacher", "EMBEDDED"],
+    "kd-lr2e-4-gptq": ["--loss", "kd", "--lr", "2e-4", "--quant_lr", "1e-4", "--init", "gptq", "--teacher", "EMBEDDED"],
     "kd-lr5e-4-gptq": ["--loss", "kd", "--lr", "5e-4", "--quant_lr", "1e-4", "--init", "gptq", "--teacher", "EMBEDDED"],
     "kd-lr2e-3-gptq-cos": ["--loss", "kd", "--lr", "2e-3", "--quant_lr", "1e-4", "--init", "gptq", "--teacher", "EMBEDDED", "--lr_schedule", "cosine"],
     "kd-lr2e-3-gptq-cos-r64": ["--loss", "kd", "--lr", "2e-3", "--quant_lr", "1e-4", "--init", "gptq", "--teacher", "EMBEDDED", "--lr_schedule", "cosine", "--rank", "64", "--alpha", "64"],
