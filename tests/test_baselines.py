@@ -16,7 +16,7 @@ from dlqat.layers.qa_lora_linear import QALoRALinear
 from dlqat.methods import GPTQConfig, handler, make_config, method_names
 from dlqat.methods.base import set_trainable
 from dlqat.methods.ptq import FloatLoRAFields
-from dlqat.quant import dequantize, minmax_scale_offset, quantize
+from dlqat.quant import dequantize, minmax_scale_offset, mse_scale_offset, quantize
 from dlqat.quant.gptq import gptq_quantize
 
 
@@ -54,12 +54,31 @@ def test_qa_lora_and_l4q_phases():
     assert not any(n.endswith("magnitude") for n, _ in model.named_parameters())
 
 
-def test_gptq_equals_rtn_when_inputs_are_uncorrelated():
-    w = torch.randn(24, 128)
-    q, scale, offset = gptq_quantize(w, torch.eye(128), 3, 32, damp=0.0)
-    s_ref, b_ref = minmax_scale_offset(w, 3, 32)
+@pytest.mark.parametrize("grid,rtn_range", [("minmax", minmax_scale_offset), ("mse", mse_scale_offset)])
+def test_gptq_equals_rtn_when_inputs_are_uncorrelated(grid, rtn_range):
+    """No error to spread (H = I): GPTQ is round-to-nearest on its grid's ranges (incl. a ragged group)."""
+    w = torch.randn(24, 112)
+    q, scale, offset = gptq_quantize(w, torch.eye(112), 3, 32, damp=0.0, grid=grid)
+    s_ref, b_ref = rtn_range(w, 3, 32)
     torch.testing.assert_close(scale, s_ref, atol=0, rtol=0)
+    torch.testing.assert_close(offset, b_ref, atol=0, rtol=0)
     torch.testing.assert_close(q.float(), quantize(w, s_ref, b_ref, 3, 32), atol=0, rtol=0)
+    with pytest.raises(ValueError, match="grid='mean'"):
+        gptq_quantize(w, torch.eye(112), 3, 32, grid="mean")
+
+
+def test_gptq_clipping_search_lowers_output_error_at_2_bits():
+    """Why ``grid="mse"`` exists: at 2 bits a min/max range spends its 4 levels on outliers."""
+    torch.manual_seed(0)
+    w = torch.randn(64, 128)
+    x = torch.randn(1024, 16) @ torch.randn(16, 128) + 0.3 * torch.randn(1024, 128)
+    hessian = 2 * x.t() @ x / 1024
+
+    def output_error(grid: str) -> float:
+        q, scale, offset = gptq_quantize(w, hessian, 2, 64, grid=grid)
+        return (x @ (w - dequantize(q.float(), scale, offset, 64)).t()).pow(2).mean().item()
+
+    assert output_error("mse") < 0.9 * output_error("minmax")
 
 
 @pytest.mark.parametrize("group_size", [32, 48, -1])
@@ -308,21 +327,26 @@ def test_compare_refuses_a_curve_with_a_decaying_lr(tmp_path, capsys):
     assert not out.exists()
 
 
-@pytest.mark.parametrize("arch", ["llama", "gemma3"])
-def test_gptq_start_untrained_equals_gptq(arch):
-    """DL-QAT ``init="gptq"``: before any step, every layer computes GPTQ's weight (GPTQ's codes, ranges),
-    and the model GPTQ's logits; training starts from GPTQ's updated, not-yet-rounded base weight."""
+@pytest.mark.parametrize(
+    "method,init,grid,arch",
+    [("dl_qat", "gptq", "minmax", "llama"), ("dl_qat", "gptq", "minmax", "gemma3"),
+     ("dl_qat", "gptq-mse", "mse", "llama"), ("l4q", "gptq", "minmax", "llama")],
+)  # fmt: skip
+def test_gptq_start_untrained_equals_gptq(method, init, grid, arch):
+    """DL-QAT (or L4Q) ``init="gptq"``: before any step, every layer computes GPTQ's weight (GPTQ's codes,
+    ranges), and the model GPTQ's logits; training starts from GPTQ's updated, not-yet-rounded base weight.
+    ``init="gptq-mse"`` is the same identity with GPTQ's clipping search (``--method gptq --grid mse``)."""
     import copy
 
-    from dlqat import DLQATConfig, calibrate
+    from dlqat import calibrate
 
     model = tiny_model(arch).eval()
     gptq = copy.deepcopy(model)
     original = {n: m.weight.detach().clone() for n, m in model.named_modules() if isinstance(m, nn.Linear)}
     batches = [torch.randint(0, 300, (1, 16)) for _ in range(4)]
-    gptq_cfg = make_config("gptq", n_bits=3, group_size=32)
+    gptq_cfg = make_config("gptq", n_bits=3, group_size=32, grid=grid)
     finalize(gptq, gptq_cfg, prepare(gptq, gptq_cfg), batches)
-    cfg = DLQATConfig(n_bits=3, group_size=32, rank=2, init="gptq")
+    cfg = make_config(method, n_bits=3, group_size=32, rank=2, init=init)
     names = prepare(model, cfg)
     calibrate(model, cfg, names, batches)
     for name in names:
@@ -332,7 +356,7 @@ def test_gptq_start_untrained_equals_gptq(arch):
     ids = torch.randint(0, 300, (2, 16))
     with torch.no_grad():
         torch.testing.assert_close(model(ids).logits, gptq(ids).logits, atol=1e-5, rtol=1e-5)
-    assert handler(cfg).starts_at(cfg) == "gptq" and not handler(cfg).float_teacher(cfg)
+    assert handler(cfg).starts_at(cfg) == init and not handler(cfg).float_teacher(cfg)
 
 
 def test_qa_lora_on_a_gptq_base_untrained_equals_gptq():
@@ -398,3 +422,7 @@ def test_gptq_start_trains_and_reports_its_start(tiny_model_dir, text_file, tmp_
         train(cfg, TrainConfig(**{**run.__dict__, "loss": "kd", "output_dir": str(tmp_path / "kd")}))
     with pytest.raises(ValueError, match="init='gptq' with zero_point='int'"):
         make_config("dl_qat", init="gptq", zero_point="int")
+    with pytest.raises(ValueError, match="init='gptq-mse' with zero_point='int'"):
+        make_config("l4q", init="gptq-mse", zero_point="int")
+    with pytest.raises(ValueError, match="grid='mean': expected one of minmax, mse"):
+        make_config("gptq", grid="mean")

@@ -35,7 +35,7 @@ class ClipMode(str, Enum):
 # Where scale/offset start: min/max (the untrained layer is RTN), the clipping search of
 # ``mse_scale_offset`` (RTN with MSE-searched ranges) or GPTQ (``dlqat.methods.gptq_start``: needs
 # calibration data, so the layer starts at min/max and the method's ``calibrate`` step replaces it).
-INITS = ("minmax", "mse", "gptq")
+INITS = ("minmax", "mse", "gptq", "gptq-mse")
 
 
 class WeightQuantizer(nn.Module):

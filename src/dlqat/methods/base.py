@@ -15,6 +15,7 @@ from torch import nn
 
 from dlqat.layers import ClipMode, QuantLoRALinear
 from dlqat.layers.quant_lora_linear import INITS
+from dlqat.quant.gptq import GRIDS
 from dlqat.quant.primitives import FLOAT, Storage, check_bits, resolve_group_size
 from dlqat.surgery import DEFAULT_TARGETS, name_filter, replace_linears
 
@@ -48,6 +49,12 @@ class QuantMethodConfig:
                 raise ValueError(f"{name}={value!r}: expected a positive integer")
             if name == "init" and value not in INITS:
                 raise ValueError(f"init={value!r}: expected one of {', '.join(INITS)}")
+            if name == "init" and value.startswith("gptq") and getattr(self, "zero_point", None) == "int":
+                raise ValueError(
+                    f"init={value!r} with zero_point='int': GPTQ's offsets are floats; use init=mse or minmax"
+                )
+            if name == "grid" and value not in GRIDS:
+                raise ValueError(f"grid={value!r}: expected one of {', '.join(GRIDS)}")
             if name in ("alpha", "lr", "quant_lr") and value <= 0:
                 raise ValueError(f"{name}={value!r}: expected a positive number")
             if name.endswith("steps") and value is not None and value < 0:
@@ -75,7 +82,7 @@ class StorageFields:
 
     def start_label(self, init: str = "minmax") -> str:
         """Name of the PTQ result an untrained layer computes: ``rtn``, ``gptq``, or e.g. ``rtn-mse-int0-bf16``."""
-        parts = ["gptq"] if init == "gptq" else ["rtn"] + (["mse"] if init == "mse" else [])
+        parts = [init] if init.startswith("gptq") else ["rtn"] + (["mse"] if init == "mse" else [])
         parts += ["int0"] if self.zero_point == "int" else []
         return "-".join(parts + ([self.qparam_dtype] if self.qparam_dtype != "fp32" else []))
 

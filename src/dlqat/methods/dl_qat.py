@@ -14,11 +14,10 @@ from torch import nn
 
 from dlqat.layers import ClipMode
 from dlqat.methods.base import Phase, QuantMethodConfig, StorageFields, param_of, require_steps, swap_in_quant_lora
-from dlqat.methods.gptq_start import gptq_start
+from dlqat.methods.gptq_start import GPTQStart
 from dlqat.methods.registry import QuantMethod, register_method
 
 _CLIP_MODES = [mode.value for mode in ClipMode]
-GPTQ_START_SAMPLES = 128  # calibration examples for init=gptq (the GPTQ baseline's default)
 
 
 @dataclass
@@ -37,8 +36,9 @@ class DLQATConfig(QuantMethodConfig, StorageFields):
         default=None,
         metadata={
             "help": "scale/offset start: mse (per-group clipping search; measured best, README; the default), "
-            "minmax (untrained = RTN, the paper's; the only one with clip_mode=dynamic) or gptq (untrained = GPTQ "
-            "on calibration examples of the training data; kd then needs --teacher)"
+            "minmax (untrained = RTN, the paper's; the only one with clip_mode=dynamic), gptq (untrained = GPTQ "
+            "on calibration examples of the training data; kd then needs --teacher) or gptq-mse (GPTQ with its "
+            "clipping search, = --method gptq --grid mse)"
         },
     )
     phase1_steps: int | None = field(
@@ -69,8 +69,6 @@ class DLQATConfig(QuantMethodConfig, StorageFields):
             self.init = "minmax" if dynamic else "mse"
         if dynamic and self.init != "minmax":
             raise ValueError(f"init={self.init!r}: clip_mode=dynamic recomputes min/max every step; use init=minmax")
-        if self.init == "gptq" and self.zero_point == "int":
-            raise ValueError("init='gptq' with zero_point='int': GPTQ's offsets are floats; use init=mse or minmax")
         if self.clip_mode != ClipMode.LEARN_THEN_FIX.value and self.phase1_steps:
             raise ValueError(
                 f"phase1_steps={self.phase1_steps}: clip_mode={self.clip_mode} has no range-only phase 1 "
@@ -99,7 +97,7 @@ PRESETS = {
 
 
 @register_method(DLQATConfig)
-class DLQAT(QuantMethod):
+class DLQAT(GPTQStart, QuantMethod):
     def prepare(self, model: nn.Module, cfg: DLQATConfig) -> list[str]:
         return swap_in_quant_lora(
             model, cfg, rank=cfg.rank, alpha=cfg.alpha, use_magnitude=cfg.use_magnitude, clip_mode=cfg.clip_mode,
@@ -119,13 +117,6 @@ class DLQAT(QuantMethod):
         quant_lrs = {"scale": cfg.quant_lr, "offset": cfg.quant_lr} if clip is ClipMode.JOINT else {}
         schedule.append(Phase("phase2: " + "/".join(phase2), cfg.phase2_steps, cfg.lr, param_of(*phase2), quant_lrs))
         return schedule
-
-    def calibrate(self, model: nn.Module, cfg: DLQATConfig, layer_names: list[str], calibration) -> None:
-        if cfg.init == "gptq":
-            gptq_start(model, layer_names, calibration[:GPTQ_START_SAMPLES])
-
-    def float_teacher(self, cfg: DLQATConfig) -> bool:
-        return cfg.init != "gptq"  # a GPTQ start replaces W0 by GPTQ's updated weight
 
     def default_loss(self, cfg: QuantMethodConfig) -> str:
         return "kd"  # measured: lower held-out perplexity than ce at every lr tried (README, recipe study)

@@ -14,15 +14,38 @@ teacher (``kd`` then needs ``--teacher``).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch import nn
 
 from dlqat.methods.calibration import quantize_block_by_block
 from dlqat.quant.gptq import gptq_with_updates
 
+GPTQ_START_SAMPLES = 128  # calibration examples for a GPTQ start (the GPTQ baseline's default)
+
+
+def gptq_grid(init: str) -> str | None:
+    """The GPTQ group range an ``init`` asks for (``gptq``: min/max, ``gptq-mse``: clipping search), or None."""
+    return {"gptq": "minmax", "gptq-mse": "mse"}.get(init)
+
+
+class GPTQStart:
+    """Handler steps of a method whose ``cfg.init`` may name a GPTQ start (DL-QAT, L4Q)."""
+
+    def calibrate(self, model: nn.Module, cfg, layer_names: list[str], calibration: Sequence[torch.Tensor]) -> None:
+        grid = gptq_grid(cfg.init)
+        if grid:
+            gptq_start(model, layer_names, calibration[:GPTQ_START_SAMPLES], grid=grid)
+
+    def float_teacher(self, cfg) -> bool:
+        return gptq_grid(cfg.init) is None  # a GPTQ start replaces W0 by GPTQ's updated weight
+
 
 @torch.no_grad()
-def gptq_start(model: nn.Module, names: list[str], batches: list[torch.Tensor], damp: float = 0.01) -> None:
+def gptq_start(
+    model: nn.Module, names: list[str], batches: list[torch.Tensor], damp: float = 0.01, grid: str = "minmax"
+) -> None:
     """Replace ``W0``, ``scale``, ``offset`` of the named ``QuantLoRALinear`` layers by GPTQ's."""
     layers = {name: model.get_submodule(name) for name in names}
     for layer in layers.values():  # a block calibrates on float layers of its own, quantized ones before it
@@ -32,7 +55,7 @@ def gptq_start(model: nn.Module, names: list[str], batches: list[torch.Tensor], 
         for name in block:
             layer, quantizer = layers[name], layers[name].quantizer
             _, scale, offset, updated = gptq_with_updates(
-                layer.weight, hessians.pop(name), quantizer.n_bits, quantizer.group_size, damp
+                layer.weight, hessians.pop(name), quantizer.n_bits, quantizer.group_size, damp, grid=grid
             )
             layer.weight.copy_(updated.to(layer.weight.dtype))
             quantizer.scale.copy_(scale.to(quantizer.scale.dtype))

@@ -12,6 +12,7 @@ from torch import nn
 
 from dlqat.layers import ClipMode
 from dlqat.methods.base import Phase, QuantMethodConfig, StorageFields, param_of, require_steps, swap_in_quant_lora
+from dlqat.methods.gptq_start import GPTQStart
 from dlqat.methods.registry import QuantMethod, register_method
 
 
@@ -24,7 +25,10 @@ class L4QConfig(QuantMethodConfig, StorageFields):
     alpha: float = field(default=16.0, metadata={"help": "LoRA alpha; scaling = alpha / rank"})
     init: str = field(
         default="minmax",
-        metadata={"help": "scale/offset start: minmax (untrained = RTN) or mse (per-group clipping search)"},
+        metadata={
+            "help": "scale/offset start: minmax (untrained = RTN), mse (per-group clipping search), gptq or gptq-mse "
+            "(untrained = GPTQ, with min/max or searched group ranges; kd then needs --teacher)"
+        },
     )
     steps: int | None = field(default=None, metadata={"help": "optimizer steps; default 2000 (40 in the demo)"})
     lr: float = field(default=2e-4, metadata={"help": "learning rate of A, B"})
@@ -32,7 +36,7 @@ class L4QConfig(QuantMethodConfig, StorageFields):
 
 
 @register_method(L4QConfig)
-class L4Q(QuantMethod):
+class L4Q(GPTQStart, QuantMethod):
     def prepare(self, model: nn.Module, cfg: L4QConfig) -> list[str]:
         return swap_in_quant_lora(
             model, cfg, rank=cfg.rank, alpha=cfg.alpha, use_magnitude=False, clip_mode=ClipMode.JOINT, init=cfg.init

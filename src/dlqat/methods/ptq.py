@@ -37,6 +37,13 @@ class GPTQConfig(QuantMethodConfig):
     name: ClassVar[str] = "gptq"
     calib_samples: int = field(default=128, metadata={"help": "GPTQ calibration examples (from the training data)"})
     damp: float = field(default=0.01, metadata={"help": "GPTQ dampening, fraction of the mean Hessian diagonal"})
+    grid: str = field(
+        default="minmax",
+        metadata={
+            "help": "each group's range: minmax (reference GPTQ's default) or mse (its clipping search, mse=True: "
+            "the range shrunk to the least squared rounding error; helps most at 2-3 bits)"
+        },
+    )
     sequential: bool = field(
         default=True,
         metadata={
@@ -124,7 +131,9 @@ class GPTQ(RTN):
 
             def make(name: str, linear: nn.Linear) -> QuantizedLinear:
                 w = linear.weight.detach().float()
-                q, scale, offset = gptq_quantize(w, hessians.pop(name), cfg.n_bits, cfg.group_size, cfg.damp)
+                q, scale, offset = gptq_quantize(
+                    w, hessians.pop(name), cfg.n_bits, cfg.group_size, cfg.damp, grid=cfg.grid
+                )
                 layer = QuantizedLinear.from_codes(q, scale, offset, cfg.n_bits, cfg.group_size, linear.bias)
                 layer.hold_unpacked(True)
                 unpacked.append(layer)

@@ -1,36 +1,55 @@
 """GPTQ (Frantar et al., 2022): column-by-column quantization that spreads each column's rounding
 error over the not-yet-quantized columns using the inverse Hessian of the layer's inputs.
 
-The quantizer is dlqat's asymmetric min/max group quantizer; a group's scale and offset are taken
-from the (already error-updated) weights when the algorithm reaches the group's first column, as in
-the reference implementation with ``groupsize``. ``H = 2/N sum x x^T`` over calibration tokens.
+The quantizer is dlqat's asymmetric group quantizer; a group's scale and offset are taken from the
+(already error-updated) weights when the algorithm reaches the group's first column, as in the reference
+implementation with ``groupsize``: their min/max (``grid="minmax"``, the reference's default) or the
+clipping search of its ``mse=True`` (``grid="mse"``: the min/max range shrunk to the least squared
+rounding error, ``dlqat.quant.primitives.mse_scale_offset``). ``H = 2/N sum x x^T`` over calibration tokens.
 """
 
 from __future__ import annotations
 
 import torch
 
-from dlqat.quant.primitives import minmax_scale_offset, resolve_group_size, round_codes
+from dlqat.quant.primitives import minmax_scale_offset, mse_scale_offset, resolve_group_size, round_codes
+
+GRIDS = ("minmax", "mse")
 
 
 def gptq_quantize(
-    weight: torch.Tensor, hessian: torch.Tensor, n_bits: int, group_size: int, damp: float = 0.01, block: int = 128
+    weight: torch.Tensor,
+    hessian: torch.Tensor,
+    n_bits: int,
+    group_size: int,
+    damp: float = 0.01,
+    block: int = 128,
+    grid: str = "minmax",
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """GPTQ of ``weight (out, in)`` given ``hessian (in, in)``.
 
     Returns:
         ``q`` int8 codes ``(out, in)``, ``scale`` and ``offset`` ``(out, n_groups)`` (float32).
     """
-    return gptq_with_updates(weight, hessian, n_bits, group_size, damp, block)[:3]
+    return gptq_with_updates(weight, hessian, n_bits, group_size, damp, block, grid)[:3]
 
 
 @torch.no_grad()
 def gptq_with_updates(
-    weight: torch.Tensor, hessian: torch.Tensor, n_bits: int, group_size: int, damp: float = 0.01, block: int = 128
+    weight: torch.Tensor,
+    hessian: torch.Tensor,
+    n_bits: int,
+    group_size: int,
+    damp: float = 0.01,
+    block: int = 128,
+    grid: str = "minmax",
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """GPTQ, also returning ``updated (out, in)``: each column as it was when rounded (the weight plus the
     error compensation it received), so ``round_codes((updated - offset) / scale)`` are exactly the codes.
     A QAT start from GPTQ keeps ``updated`` as its frozen base weight (``dlqat.methods.gptq_start``)."""
+    if grid not in GRIDS:
+        raise ValueError(f"grid={grid!r}: expected one of {', '.join(GRIDS)}")
+    group_range = mse_scale_offset if grid == "mse" else minmax_scale_offset
     w = weight.detach().float().clone()
     out_features, in_features = w.shape
     g = resolve_group_size(group_size, in_features)
@@ -54,7 +73,7 @@ def gptq_with_updates(
             col = i1 + i
             if col % g == 0:
                 group = torch.cat([w1[:, i:], w[:, i2:]], dim=1)[:, : min(g, in_features - col)]
-                s, b = minmax_scale_offset(group, n_bits, -1)
+                s, b = group_range(group, n_bits, -1)
                 scale[:, col // g], offset[:, col // g] = s[:, 0], b[:, 0]
             s, b = scale[:, col // g], offset[:, col // g]
             updated[:, col] = w1[:, i]
