@@ -183,9 +183,8 @@ def _prepare(run: Run) -> None:
     run.names = run.method.prepare(run.model, run.method_cfg)
     set_act_quant(run.model, run.cfg.act_bits, run.cfg.kv_bits)
     start = run.method.starts_at(run.method_cfg)
-    if (
-        start in ("rtn-mse", "gptq", "gptq-mse") and "rtn" not in run.results["perplexity"]
-    ):  # keep the plain RTN row too
+    # a searched or GPTQ start also reports the plain RTN row
+    if start in ("rtn-mse", "gptq", "gptq-mse") and "rtn" not in run.results["perplexity"]:
         with minmax_ranges(run.model):
             evaluate(run, "rtn")
     run.method.calibrate(run.model, run.method_cfg, run.names, _Calibration(run))
