@@ -34,7 +34,8 @@ class ClipMode(str, Enum):
 
 # Where scale/offset start: min/max (the untrained layer is RTN), the clipping search of
 # ``mse_scale_offset`` (RTN with MSE-searched ranges) or GPTQ with min/max or searched group ranges
-# (``gptq``, ``gptq-mse``; ``dlqat.methods.gptq_start``: needs calibration data, so the layer starts at min/max and the method's ``calibrate`` step replaces it).
+# (``gptq``, ``gptq-mse``; ``dlqat.methods.gptq_start``: needs calibration data, so the layer starts
+# at min/max and the method's ``calibrate`` step replaces it).
 INITS = ("minmax", "mse", "gptq", "gptq-mse")
 
 
