@@ -64,6 +64,8 @@ RECIPES = {
     "kd-lr2e-3-gptq-cos": ["--loss", "kd", "--lr", "2e-3", "--quant_lr", "1e-4", "--init", "gptq", "--teacher", "EMBEDDED", "--lr_schedule", "cosine"],
     "kd-lr2e-3-gptq-cos-r64": ["--loss", "kd", "--lr", "2e-3", "--quant_lr", "1e-4", "--init", "gptq", "--teacher", "EMBEDDED", "--lr_schedule", "cosine", "--rank", "64", "--alpha", "64"],
     "kd-lr2e-3-gptq-cos-joint": ["--loss", "kd", "--lr", "2e-3", "--quant_lr", "1e-4", "--init", "gptq", "--teacher", "EMBEDDED", "--lr_schedule", "cosine", "--clip_mode", "joint"],
+    "kd-lr2e-3-gptqmse": ["--loss", "kd", "--lr", "2e-3", "--quant_lr", "1e-4", "--init", "gptq-mse", "--teacher", "EMBEDDED"],
+    "kd-lr5e-4-gptqmse": ["--loss", "kd", "--lr", "5e-4", "--quant_lr", "1e-4", "--init", "gptq-mse", "--teacher", "EMBEDDED"],
     "kd-lr2e-3-gptqmse-cos": ["--loss", "kd", "--lr", "2e-3", "--quant_lr", "1e-4", "--init", "gptq-mse", "--teacher", "EMBEDDED", "--lr_schedule", "cosine"],
     "gptq": ["--method", "gptq"],
     "gptq-mse": ["--method", "gptq", "--grid", "mse"],
