@@ -36,7 +36,8 @@ class ClipMode(str, Enum):
 # ``mse_scale_offset`` (RTN with MSE-searched ranges) or GPTQ with min/max or searched group ranges
 # (``gptq``, ``gptq-mse``; ``dlqat.methods.gptq_start``: needs calibration data, so the layer starts
 # at min/max and the method's ``calibrate`` step replaces it).
-INITS = ("minmax", "mse", "gptq", "gptq-mse")
+GPTQ_INITS = {"gptq": "minmax", "gptq-mse": "mse"}  # a GPTQ start -> the GPTQ grid it uses
+INITS = ("minmax", "mse", *GPTQ_INITS)
 
 
 class WeightQuantizer(nn.Module):

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from dlqat.layers import ClipMode, QuantLoRALinear
-from dlqat.layers.quant_lora_linear import INITS
+from dlqat.layers.weight_quantizer import GPTQ_INITS, INITS
 from dlqat.quant.gptq import GRIDS
 from dlqat.quant.primitives import FLOAT, Storage, check_bits, resolve_group_size
 from dlqat.surgery import DEFAULT_TARGETS, name_filter, replace_linears
@@ -49,7 +49,7 @@ class QuantMethodConfig:
                 raise ValueError(f"{name}={value!r}: expected a positive integer")
             if name == "init" and value not in INITS:
                 raise ValueError(f"init={value!r}: expected one of {', '.join(INITS)}")
-            if name == "init" and value.startswith("gptq") and getattr(self, "zero_point", None) == "int":
+            if name == "init" and value in GPTQ_INITS and getattr(self, "zero_point", None) == "int":
                 raise ValueError(
                     f"init={value!r} with zero_point='int': GPTQ's offsets are floats; use init=mse or minmax"
                 )
@@ -82,7 +82,7 @@ class StorageFields:
 
     def start_label(self, init: str = "minmax") -> str:
         """Name of the PTQ result an untrained layer computes: ``rtn``, ``gptq``, or e.g. ``rtn-mse-int0-bf16``."""
-        parts = [init] if init.startswith("gptq") else ["rtn"] + (["mse"] if init == "mse" else [])
+        parts = [init] if init in GPTQ_INITS else ["rtn"] + (["mse"] if init == "mse" else [])
         parts += ["int0"] if self.zero_point == "int" else []
         return "-".join(parts + ([self.qparam_dtype] if self.qparam_dtype != "fp32" else []))
 

@@ -19,6 +19,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from dlqat.layers.weight_quantizer import GPTQ_INITS
 from dlqat.methods.calibration import quantize_block_by_block
 from dlqat.quant.gptq import gptq_with_updates
 
@@ -27,7 +28,7 @@ GPTQ_START_SAMPLES = 128  # calibration examples for a GPTQ start (the GPTQ base
 
 def gptq_grid(init: str) -> str | None:
     """The GPTQ group range an ``init`` asks for (``gptq``: min/max, ``gptq-mse``: clipping search), or None."""
-    return {"gptq": "minmax", "gptq-mse": "mse"}.get(init)
+    return GPTQ_INITS.get(init)
 
 
 class GPTQStart:
