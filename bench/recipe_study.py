@@ -53,6 +53,7 @@ RECIPES = {
     "qa_lora-lr2e-3": ["--method", "qa_lora", "--lr", "2e-3"],
     "qa_lora-gptq-r64-lr2e-4": ["--method", "qa_lora", "--base", "gptq", "--rank", "64", "--lr", "2e-4"],
     "qa_lora-gptq-r64-lr2e-3": ["--method", "qa_lora", "--base", "gptq", "--rank", "64", "--lr", "2e-3"],
+    "qa_lora-gptqmse-r64-lr2e-3": ["--method", "qa_lora", "--base", "gptq-mse", "--rank", "64", "--lr", "2e-3"],
     "full_qat-lr2e-5": ["--method", "full_qat", "--lr", "2e-5"],
     "full_qat-lr2e-4": ["--method", "full_qat", "--lr", "2e-4"],
     "full_qat-kd-lr2e-5": ["--method", "full_qat", "--lr", "2e-5", "--loss", "kd", "--teacher", "EMBEDDED"],
@@ -67,6 +68,8 @@ RECIPES = {
     "kd-lr2e-3-gptqmse": ["--loss", "kd", "--lr", "2e-3", "--quant_lr", "1e-4", "--init", "gptq-mse", "--teacher", "EMBEDDED"],
     "kd-lr5e-4-gptqmse": ["--loss", "kd", "--lr", "5e-4", "--quant_lr", "1e-4", "--init", "gptq-mse", "--teacher", "EMBEDDED"],
     "kd-lr2e-3-gptqmse-cos": ["--loss", "kd", "--lr", "2e-3", "--quant_lr", "1e-4", "--init", "gptq-mse", "--teacher", "EMBEDDED", "--lr_schedule", "cosine"],
+    "l4q-kd-lr2e-3-gptqmse-cos": ["--method", "l4q", "--loss", "kd", "--lr", "2e-3", "--quant_lr", "1e-4", "--init", "gptq-mse", "--teacher", "EMBEDDED", "--lr_schedule", "cosine"],
+    "lora_gptq-mse": ["--method", "lora_gptq", "--grid", "mse"],
     "gptq": ["--method", "gptq"],
     "gptq-mse": ["--method", "gptq", "--grid", "mse"],
 }

@@ -359,9 +359,11 @@ def test_gptq_start_untrained_equals_gptq(method, init, grid, arch):
     assert handler(cfg).starts_at(cfg) == init and not handler(cfg).float_teacher(cfg)
 
 
-def test_qa_lora_on_a_gptq_base_untrained_equals_gptq():
-    """QA-LoRA ``base="gptq"`` (the paper's base): after calibration every layer holds GPTQ's codes and
-    ranges exactly, the float weights are gone, and the untrained model computes GPTQ's logits."""
+@pytest.mark.parametrize("base", ["gptq", "gptq-mse"])
+def test_qa_lora_on_a_gptq_base_untrained_equals_gptq(base):
+    """QA-LoRA on a GPTQ base (``gptq``, the paper's; ``gptq-mse``, GPTQ's clipping search): after
+    calibration every layer holds that GPTQ's codes and ranges exactly, the float weights are gone, and
+    the untrained model computes that GPTQ's logits."""
     import copy
 
     from dlqat import calibrate
@@ -369,9 +371,9 @@ def test_qa_lora_on_a_gptq_base_untrained_equals_gptq():
     model = tiny_model("llama").eval()
     gptq = copy.deepcopy(model)
     batches = [torch.randint(0, 300, (1, 16)) for _ in range(4)]
-    gptq_cfg = make_config("gptq", n_bits=3, group_size=32)
+    gptq_cfg = make_config("gptq", n_bits=3, group_size=32, grid={"gptq": "minmax", "gptq-mse": "mse"}[base])
     finalize(gptq, gptq_cfg, prepare(gptq, gptq_cfg), batches)
-    cfg = make_config("qa_lora", n_bits=3, group_size=32, rank=4, base="gptq")
+    cfg = make_config("qa_lora", n_bits=3, group_size=32, rank=4, base=base)
     rtn = copy.deepcopy(model)
     prepare(rtn, make_config("qa_lora", n_bits=3, group_size=32, rank=4))
     names = prepare(model, cfg)
@@ -391,8 +393,8 @@ def test_qa_lora_on_a_gptq_base_untrained_equals_gptq():
     assert moved == len(names)  # GPTQ's codes are not RTN's
     with torch.no_grad():
         torch.testing.assert_close(model(ids).logits, gptq(ids).logits, atol=1e-5, rtol=1e-5)
-    assert handler(cfg).starts_at(cfg) == "gptq"
-    with pytest.raises(ValueError, match="base='awq'"):
+    assert handler(cfg).starts_at(cfg) == base
+    with pytest.raises(ValueError, match="base='awq': expected one of rtn, gptq, gptq-mse"):
         make_config("qa_lora", base="awq")
 
 

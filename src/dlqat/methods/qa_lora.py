@@ -1,6 +1,7 @@
 """QA-LoRA: LoRA on group-pooled inputs over a frozen quantized weight, merged into the offsets at the
 end (see ``dlqat.layers.qa_lora_linear``). The base is RTN, or GPTQ on calibration data (``base="gptq"``,
-the QA-LoRA paper's: its models start from GPTQ checkpoints; it used rank 64 at g128)."""
+the QA-LoRA paper's: its models start from GPTQ checkpoints; it used rank 64 at g128; ``base="gptq-mse"``:
+GPTQ with its clipping search, the strong start at 2 bits where min/max GPTQ collapses)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import torch
 from torch import nn
 
 from dlqat.layers.qa_lora_linear import QALoRALinear
+from dlqat.layers.weight_quantizer import GPTQ_INITS
 from dlqat.methods.base import Phase, QuantMethodConfig, param_of, require_steps
 from dlqat.methods.calibration import quantize_block_by_block
 from dlqat.methods.registry import QuantMethod, register_method
@@ -29,7 +31,10 @@ class QALoRAConfig(QuantMethodConfig):
     lr: float = field(default=2e-4, metadata={"help": "learning rate of A, B"})
     base: str = field(
         default="rtn",
-        metadata={"help": "frozen base: rtn (min/max), or gptq on 128 calibration examples (the paper's)"},
+        metadata={
+            "help": "frozen base: rtn (min/max), gptq on 128 calibration examples (the paper's), or gptq-mse "
+            "(GPTQ with its clipping search)"
+        },
     )
 
     def __post_init__(self) -> None:
@@ -38,15 +43,15 @@ class QALoRAConfig(QuantMethodConfig):
         super().__post_init__()
 
 
-_BASES = ("rtn", "gptq")
-GPTQ_BASE_SAMPLES = 128  # calibration examples for base=gptq (the GPTQ baseline's default)
+_BASES = ("rtn", *GPTQ_INITS)  # a GPTQ base names its grid as the --init of the same name
+GPTQ_BASE_SAMPLES = 128  # calibration examples for a GPTQ base (the GPTQ baseline's default)
 
 
 @register_method(QALoRAConfig)
 class QALoRA(QuantMethod):
     def prepare(self, model: nn.Module, cfg: QALoRAConfig) -> list[str]:
         def make(_name: str, linear: nn.Linear) -> QALoRALinear:
-            keep = cfg.base == "gptq"
+            keep = cfg.base in GPTQ_INITS
             return QALoRALinear(linear, cfg.n_bits, cfg.group_size, cfg.rank, cfg.alpha, keep_float=keep)
 
         return replace_linears(model, make, name_filter(cfg.target_modules))
@@ -56,15 +61,18 @@ class QALoRA(QuantMethod):
         return [Phase("qa_lora: lora_a/lora_b", cfg.steps, cfg.lr, param_of("lora_a", "lora_b"))]
 
     def calibrate(self, model: nn.Module, cfg: QALoRAConfig, layer_names: list[str], calibration) -> None:
-        """``base="gptq"``: GPTQ block by block (each block calibrated on the quantized blocks before it),
-        the codes, scales and offsets of every layer replaced by GPTQ's."""
-        if cfg.base != "gptq":
+        """A GPTQ base: GPTQ block by block (each block calibrated on the quantized blocks before it), the
+        codes, scales and offsets of every layer replaced by GPTQ's on the base's grid."""
+        if cfg.base not in GPTQ_INITS:
             return
+        grid = GPTQ_INITS[cfg.base]
 
         def quantize_layers(block: list[str], hessians: dict[str, torch.Tensor]) -> None:
             for name in block:
                 layer = model.get_submodule(name)
-                q, scale, offset = gptq_quantize(layer.float_weight, hessians.pop(name), cfg.n_bits, cfg.group_size)
+                q, scale, offset = gptq_quantize(
+                    layer.float_weight, hessians.pop(name), cfg.n_bits, cfg.group_size, grid=grid
+                )
                 layer.set_codes(q, scale, offset)
 
         for name in layer_names:  # a block calibrates on float layers of its own, quantized ones before it
