@@ -359,8 +359,8 @@ def test_gptq_start_untrained_equals_gptq(method, init, grid, arch):
     assert handler(cfg).starts_at(cfg) == init and not handler(cfg).float_teacher(cfg)
 
 
-@pytest.mark.parametrize("base", ["gptq", "gptq-mse"])
-def test_qa_lora_on_a_gptq_base_untrained_equals_gptq(base):
+@pytest.mark.parametrize(("base", "grid"), [("gptq", "minmax"), ("gptq-mse", "mse")])
+def test_qa_lora_on_a_gptq_base_untrained_equals_gptq(base, grid):
     """QA-LoRA on a GPTQ base (``gptq``, the paper's; ``gptq-mse``, GPTQ's clipping search): after
     calibration every layer holds that GPTQ's codes and ranges exactly, the float weights are gone, and
     the untrained model computes that GPTQ's logits."""
@@ -371,7 +371,7 @@ def test_qa_lora_on_a_gptq_base_untrained_equals_gptq(base):
     model = tiny_model("llama").eval()
     gptq = copy.deepcopy(model)
     batches = [torch.randint(0, 300, (1, 16)) for _ in range(4)]
-    gptq_cfg = make_config("gptq", n_bits=3, group_size=32, grid={"gptq": "minmax", "gptq-mse": "mse"}[base])
+    gptq_cfg = make_config("gptq", n_bits=3, group_size=32, grid=grid)
     finalize(gptq, gptq_cfg, prepare(gptq, gptq_cfg), batches)
     cfg = make_config("qa_lora", n_bits=3, group_size=32, rank=4, base=base)
     rtn = copy.deepcopy(model)

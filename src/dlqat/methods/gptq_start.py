@@ -26,21 +26,16 @@ from dlqat.quant.gptq import gptq_with_updates
 GPTQ_START_SAMPLES = 128  # calibration examples for a GPTQ start (the GPTQ baseline's default)
 
 
-def gptq_grid(init: str) -> str | None:
-    """The GPTQ group range an ``init`` asks for (``gptq``: min/max, ``gptq-mse``: clipping search), or None."""
-    return GPTQ_INITS.get(init)
-
-
 class GPTQStart:
     """Handler steps of a method whose ``cfg.init`` may name a GPTQ start (DL-QAT, L4Q)."""
 
     def calibrate(self, model: nn.Module, cfg, layer_names: list[str], calibration: Sequence[torch.Tensor]) -> None:
-        grid = gptq_grid(cfg.init)
+        grid = GPTQ_INITS.get(cfg.init)  # the GPTQ group range a GPTQ start asks for; None for the others
         if grid:
             gptq_start(model, layer_names, calibration[:GPTQ_START_SAMPLES], grid=grid)
 
     def float_teacher(self, cfg) -> bool:
-        return gptq_grid(cfg.init) is None  # a GPTQ start replaces W0 by GPTQ's updated weight
+        return cfg.init not in GPTQ_INITS  # a GPTQ start replaces W0 by GPTQ's updated weight
 
 
 @torch.no_grad()

@@ -63,9 +63,9 @@ class QALoRA(QuantMethod):
     def calibrate(self, model: nn.Module, cfg: QALoRAConfig, layer_names: list[str], calibration) -> None:
         """A GPTQ base: GPTQ block by block (each block calibrated on the quantized blocks before it), the
         codes, scales and offsets of every layer replaced by GPTQ's on the base's grid."""
-        if cfg.base not in GPTQ_INITS:
+        grid = GPTQ_INITS.get(cfg.base)
+        if grid is None:
             return
-        grid = GPTQ_INITS[cfg.base]
 
         def quantize_layers(block: list[str], hessians: dict[str, torch.Tensor]) -> None:
             for name in block:
