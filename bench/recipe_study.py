@@ -67,6 +67,8 @@ RECIPES = {
     "kd-lr2e-3-gptq-cos-joint": ["--loss", "kd", "--lr", "2e-3", "--quant_lr", "1e-4", "--init", "gptq", "--teacher", "EMBEDDED", "--lr_schedule", "cosine", "--clip_mode", "joint"],
     "kd-lr2e-3-gptqmse": ["--loss", "kd", "--lr", "2e-3", "--quant_lr", "1e-4", "--init", "gptq-mse", "--teacher", "EMBEDDED"],
     "kd-lr5e-4-gptqmse": ["--loss", "kd", "--lr", "5e-4", "--quant_lr", "1e-4", "--init", "gptq-mse", "--teacher", "EMBEDDED"],
+    "kd-lr2e-4-gptqmse": ["--loss", "kd", "--lr", "2e-4", "--quant_lr", "1e-4", "--init", "gptq-mse", "--teacher", "EMBEDDED"],
+    "kd-lr2e-4-mse": ["--loss", "kd", "--lr", "2e-4", "--quant_lr", "1e-4", "--init", "mse"],
     "kd-lr2e-3-gptqmse-cos": ["--loss", "kd", "--lr", "2e-3", "--quant_lr", "1e-4", "--init", "gptq-mse", "--teacher", "EMBEDDED", "--lr_schedule", "cosine"],
     "l4q-kd-lr2e-3-gptqmse-cos": ["--method", "l4q", "--loss", "kd", "--lr", "2e-3", "--quant_lr", "1e-4", "--init", "gptq-mse", "--teacher", "EMBEDDED", "--lr_schedule", "cosine"],
     "lora_gptq-mse": ["--method", "lora_gptq", "--grid", "mse"],

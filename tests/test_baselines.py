@@ -2,6 +2,7 @@
 
 import csv
 import json
+import logging
 
 import pytest
 import torch
@@ -410,7 +411,39 @@ def test_qa_lora_on_a_gptq_base_trains_and_reports_both_starts(tiny_model_dir, t
     assert ppl["qa_lora"] < ppl["gptq"]
 
 
-def test_gptq_start_trains_and_reports_its_start(tiny_model_dir, text_file, tmp_path, capsys):
+def train_losses(run) -> list[float]:
+    return [json.loads(line)["loss"] for line in (run / "train_log.jsonl").read_text().splitlines()]
+
+
+def test_default_start_is_the_measured_best_per_bit_width():
+    """GPTQ-mse at 2 bits, the MSE search above (README, recipe study); GPTQ needs float offsets."""
+    assert make_config("dl_qat", n_bits=2).init == "gptq-mse"
+    assert make_config("dl_qat", n_bits=3).init == make_config("dl_qat", n_bits=4).init == "mse"
+    assert make_config("dl_qat", n_bits=2, zero_point="int").init == "mse"
+    assert make_config("dl_qat", n_bits=2, clip_mode="dynamic").init == "minmax"
+    assert parse_train_args(["--preset", "paper", "--n_bits", "2"])[0].init == "minmax"
+    assert parse_train_args(["--n_bits", "2"])[0].init == "gptq-mse"
+
+
+def test_a_teacher_with_another_vocabulary_is_refused(tiny_model_dir, text_file, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from dlqat.train import train
+    from dlqat.train_config import TrainConfig
+
+    other = tmp_path / "other-vocab"
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    tokenizer.add_tokens(["<extra>"])
+    AutoModelForCausalLM.from_pretrained(tiny_model_dir).save_pretrained(other)
+    tokenizer.save_pretrained(other)
+    run = TrainConfig(model=str(tiny_model_dir), data=str(text_file), eval_data=str(text_file), seq_len=32,
+                      eval_seq_len=32, output_dir=str(tmp_path / "run"), progress=False, loss="kd",
+                      teacher=str(other))  # fmt: skip
+    with pytest.raises(ValueError, match=r"teacher='.*other-vocab': its tokenizer differs from the model's"):
+        train(make_config("dl_qat", n_bits=3, group_size=32, rank=2, phase1_steps=1, phase2_steps=1), run)
+
+
+def test_gptq_start_trains_and_reports_its_start(tiny_model_dir, text_file, tmp_path, capsys, caplog):
     from dlqat.train import train
     from dlqat.train_config import TrainConfig
 
@@ -420,8 +453,14 @@ def test_gptq_start_trains_and_reports_its_start(tiny_model_dir, text_file, tmp_
     ppl = train(cfg, run)["perplexity"]
     assert set(ppl) == {"float", "rtn", "gptq", "dl_qat"}
     assert ppl["dl_qat"] < ppl["gptq"]  # (a random tiny model: GPTQ vs RTN says nothing)
-    with pytest.raises(ValueError, match=r"a GPTQ start replaces it by GPTQ's\); give a separate --teacher"):
-        train(cfg, TrainConfig(**{**run.__dict__, "loss": "kd", "output_dir": str(tmp_path / "kd")}))
+    # kd from a GPTQ start: the layers lost W0, so a float copy made before surgery teaches; it must teach
+    # exactly what the same model given as --teacher does (same losses, step by step)
+    copied, given = tmp_path / "kd-copy", tmp_path / "kd-given"
+    with caplog.at_level(logging.INFO, logger="dlqat"):
+        train(cfg, TrainConfig(**{**run.__dict__, "loss": "kd", "output_dir": str(copied)}))
+    assert "the float weights are not kept, so a frozen copy of the model" in caplog.text
+    train(cfg, TrainConfig(**{**run.__dict__, "loss": "kd", "teacher": str(tiny_model_dir), "output_dir": str(given)}))
+    assert train_losses(copied) == train_losses(given) and len(train_losses(copied)) == 8
     with pytest.raises(ValueError, match="init='gptq' with zero_point='int'"):
         make_config("dl_qat", init="gptq", zero_point="int")
     with pytest.raises(ValueError, match="init='gptq-mse' with zero_point='int'"):

@@ -73,7 +73,7 @@ def test_float_teacher_is_the_original_model(arch):
     """Inside float_teacher a prepared (and trained-looking) model computes the float logits exactly."""
     model = tiny_model(arch)
     original = copy.deepcopy(model)
-    prepare(model, DLQATConfig(n_bits=2, group_size=16, rank=4))
+    prepare(model, DLQATConfig(n_bits=2, group_size=16, rank=4, init="mse"))
     with torch.no_grad():
         for name, param in model.named_parameters():
             if name.endswith(("lora_b", "magnitude")):
@@ -148,12 +148,12 @@ def test_kd_run_lowers_the_student_teacher_kl(trained_tiny_model_dir, tokenizer,
 
     from dlqat.export import load_quantized
 
-    method, cfg = tiny_configs(trained_tiny_model_dir, text_file, tmp_path / "kd", n_bits=2, phase1_steps=4,
-                               phase2_steps=24, lr=1e-3, loss="kd", save_every=100)  # fmt: skip
+    method, cfg = tiny_configs(trained_tiny_model_dir, text_file, tmp_path / "kd", n_bits=2, init="mse",
+                               phase1_steps=4, phase2_steps=24, lr=1e-3, loss="kd", save_every=100)  # fmt: skip
     train(method, cfg)
     teacher = AutoModelForCausalLM.from_pretrained(trained_tiny_model_dir).eval()
     rtn = copy.deepcopy(teacher)
-    prepare(rtn, DLQATConfig(n_bits=2, group_size=32, rank=4))  # the untrained start
+    prepare(rtn, DLQATConfig(n_bits=2, group_size=32, rank=4, init="mse"))  # the untrained start
     student, _ = load_quantized(tmp_path / "kd" / "quantized")
     ids = torch.tensor(tokenizer(text_file.read_text())["input_ids"][: 8 * 32]).view(8, 32)
 
@@ -166,12 +166,26 @@ def test_kd_run_lowers_the_student_teacher_kl(trained_tiny_model_dir, tokenizer,
     assert after < 0.7 * before, (before, after)
 
 
-def test_kd_is_refused_where_no_float_weight_is_kept(tiny_model_dir, text_file, tmp_path):
+@pytest.mark.parametrize("method", ["qa_lora", "full_qat"])
+def test_kd_without_a_float_weight_distils_from_a_float_copy(method, tiny_model_dir, text_file, tmp_path, caplog):
+    """QA-LoRA replaces W0 by codes and full QAT trains it: kd then keeps a frozen copy made before surgery,
+    which must teach exactly what the same model given as --teacher does (same losses, step by step)."""
+    import json
+    import logging
+    from pathlib import Path
+
     from dlqat.methods import make_config
     from dlqat.train import TrainConfig
 
-    cfg = TrainConfig(model=str(tiny_model_dir), data=str(text_file), eval_data=str(text_file),
-                      output_dir=str(tmp_path / "q"), loss="kd", seq_len=32, eval_seq_len=32, progress=False)  # fmt: skip
-    with pytest.raises(ValueError, match="keeps no frozen float weight"):
-        train(make_config("qa_lora", group_size=32, steps=1), cfg)
-    assert not (tmp_path / "q" / "run_config.json").exists()
+    def losses(**overrides) -> list[float]:
+        cfg = TrainConfig(model=str(tiny_model_dir), data=str(text_file), eval_data=str(text_file), loss="kd",
+                          seq_len=32, eval_seq_len=32, progress=False, **overrides)  # fmt: skip
+        train(make_config(method, group_size=32, steps=3), cfg)
+        log = (Path(cfg.output_dir) / "train_log.jsonl").read_text().splitlines()
+        return [json.loads(line)["loss"] for line in log]
+
+    with caplog.at_level(logging.INFO, logger="dlqat"):
+        copied = losses(output_dir=str(tmp_path / "copy"))
+    assert "the float weights are not kept, so a frozen copy of the model" in caplog.text
+    assert copied == losses(output_dir=str(tmp_path / "given"), teacher=str(tiny_model_dir))
+    assert len(copied) == 3 and copied[0] > 0

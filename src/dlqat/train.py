@@ -8,6 +8,7 @@ calls ``train``, which is ``fit`` on the model and data its config names.
 
 from __future__ import annotations
 
+import copy
 import logging
 import resource
 from collections.abc import Sequence
@@ -127,12 +128,7 @@ def _accelerator(cfg: TrainConfig) -> Accelerator:
 def _load_inputs(run: Run, model, tokenizer, data) -> None:
     """Model (and teacher), training examples and evaluation tokens, each checked with a clear error."""
     cfg = run.cfg
-    if cfg.loss != "ce" and cfg.teacher is None and not run.method.float_teacher(run.method_cfg):
-        raise ValueError(
-            f"loss={cfg.loss!r} with method {run.label}: the model keeps no frozen float weight to teach with "
-            "(QA-LoRA replaces it by codes, full-weight QAT trains it, a GPTQ start replaces it by GPTQ's); give a "
-            "separate --teacher (e.g. the same model again) or use --loss ce"
-        )
+    copy_teacher = cfg.loss != "ce" and cfg.teacher is None and not run.method.float_teacher(run.method_cfg)
     if model is not None and is_fsdp(run.accelerator):
         raise ValueError(
             "FSDP2 rebuilds the finished model from its source: pass the model as cfg.model, not an object"
@@ -142,6 +138,8 @@ def _load_inputs(run: Run, model, tokenizer, data) -> None:
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     run.model, run.tokenizer = model.to(run.accelerator.device), tokenizer
+    if copy_teacher:
+        run.teacher = _float_copy(model, f"loss={cfg.loss!r} with method {run.label}")
     if cfg.gradient_checkpointing:
         if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x name
             model.activation_checkpointing_enable({"use_reentrant": False})
@@ -166,6 +164,15 @@ def _load_inputs(run: Run, model, tokenizer, data) -> None:
             raise ValueError("eval_at/curve_eval_data: not under FSDP2 (evaluate the finished run with `dlqat eval`)")
         run.curve_ids = {Path(run.eval_source).name: run.eval_ids}
         run.curve_ids.update({Path(t).name: tokenize_text(read_text(t), tokenizer) for t in cfg.curve_texts})
+
+
+def _float_copy(model: torch.nn.Module, why: str) -> torch.nn.Module:
+    """The teacher for a method that keeps no frozen float weight (QA-LoRA replaces it by codes, full-weight
+    QAT trains it, a GPTQ start replaces it by GPTQ's): a frozen copy of the model before surgery."""
+    mib = sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers())) / 2**20
+    log.info("%s: the float weights are not kept, so a frozen copy of the model (%.0f MiB) is the teacher; "
+             "--teacher MODEL picks another, --loss ce needs none", why, mib)  # fmt: skip
+    return copy.deepcopy(model).requires_grad_(False)
 
 
 def _load_teacher(spec: str, tokenizer, device) -> torch.nn.Module:

@@ -6,10 +6,11 @@ blocks before it as quantized, as reference GPTQ) the frozen base ``W0`` becomes
 (each column as it was when rounded) and ``scale``/``offset`` GPTQ's: with ``B = 0`` and ``m = 1``
 the layer's codes are GPTQ's codes. Training then moves the adapters from there; the updated weight
 keeps the sub-step position of every weight, so small updates flip the codes nearest a boundary first.
-Measured (README, 40 steps): better than the MSE start at W2 g64, worse at W3 g128; not the default.
+Measured (README): worse than the MSE start at W3 g128 (40 steps); at W2 g64 GPTQ with its clipping
+search (``gptq-mse``) trains 3x better than min/max GPTQ, so it is DL-QAT's default start at 2 bits.
 
 The original float weight is gone from these layers, so the layers cannot be their own distillation
-teacher (``kd`` then needs ``--teacher``).
+teacher: ``kd`` then keeps a frozen float copy of the model (``dlqat.train``), or uses ``--teacher``.
 """
 
 from __future__ import annotations

@@ -27,7 +27,7 @@ class L4QConfig(QuantMethodConfig, StorageFields):
         default="minmax",
         metadata={
             "help": "scale/offset start: minmax (untrained = RTN), mse (per-group clipping search), gptq or gptq-mse "
-            "(untrained = GPTQ, with min/max or searched group ranges; kd then needs --teacher)"
+            "(untrained = GPTQ, with min/max or searched group ranges; kd then keeps a float copy as its teacher)"
         },
     )
     steps: int | None = field(default=None, metadata={"help": "optimizer steps; default 2000 (40 in the demo)"})
