@@ -166,8 +166,38 @@ def test_kd_run_lowers_the_student_teacher_kl(trained_tiny_model_dir, tokenizer,
     assert after < 0.7 * before, (before, after)
 
 
-@pytest.mark.parametrize("method", ["qa_lora", "full_qat"])
-def test_kd_without_a_float_weight_distils_from_a_float_copy(method, tiny_model_dir, text_file, tmp_path, caplog):
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gemma3"])
+@pytest.mark.parametrize("tied", [True, False])
+def test_teacher_copy_under_autocast_is_exact_at_half_width(arch, tied):
+    """The float-copy teacher holds its linear weights in the autocast dtype: the same logits bit for bit
+    (autocast casts every linear weight on each call anyway), with the output head (and a weight tied to
+    the embedding) left as they were."""
+    from dlqat.train import _float_copy
+
+    torch.manual_seed(0)
+    model = tiny_model(arch)
+    if not tied:
+        model.config.tie_word_embeddings = False
+        model.lm_head.weight = torch.nn.Parameter(model.lm_head.weight.detach().clone())
+    teacher = _float_copy(model, "test", torch.bfloat16)
+    ids = torch.randint(0, model.config.vocab_size, (2, 24))
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.equal(teacher(ids).logits, model(ids).logits)
+    dtypes = {name: p.dtype for name, p in teacher.named_parameters()}
+    assert dtypes["lm_head.weight" if not tied else "model.embed_tokens.weight"] == torch.float32
+    assert (
+        dtypes["model.layers.0.self_attn.q_proj.weight"]
+        == dtypes["model.layers.0.mlp.down_proj.weight"]
+        == torch.bfloat16
+    )
+    assert all(p.dtype == torch.float32 for p in model.parameters())  # the student is untouched
+    assert not any(p.requires_grad for p in teacher.parameters())
+
+
+@pytest.mark.parametrize(("method", "mixed"), [("qa_lora", "no"), ("full_qat", "no"), ("qa_lora", "bf16")])
+def test_kd_without_a_float_weight_distils_from_a_float_copy(
+    method, mixed, tiny_model_dir, text_file, tmp_path, caplog
+):
     """QA-LoRA replaces W0 by codes and full QAT trains it: kd then keeps a frozen copy made before surgery,
     which must teach exactly what the same model given as --teacher does (same losses, step by step)."""
     import json
@@ -189,3 +219,22 @@ def test_kd_without_a_float_weight_distils_from_a_float_copy(method, tiny_model_
     assert "the float weights are not kept, so a frozen copy of the model" in caplog.text
     assert copied == losses(output_dir=str(tmp_path / "given"), teacher=str(tiny_model_dir))
     assert len(copied) == 3 and copied[0] > 0
+
+
+def test_half_width_teacher_copy_under_bf16_teaches_as_the_model_given_as_teacher(tiny_model_dir, text_file, tmp_path):
+    """End to end under bf16 autocast (own processes: Accelerate fixes the precision once per process)."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    def losses(out, *extra) -> list[float]:
+        args = ["--method", "qa_lora", "--group_size", "32", "--steps", "3", "--loss", "kd", "--mixed_precision",
+                "bf16", "--model", str(tiny_model_dir), "--data", str(text_file), "--eval_data", str(text_file),
+                "--seq_len", "32", "--eval_seq_len", "32", "--output_dir", str(tmp_path / out), *extra]  # fmt: skip
+        done = subprocess.run([sys.executable, "-m", "dlqat", "train", *args], capture_output=True, text=True,
+                              env={**os.environ, "OMP_NUM_THREADS": "1"})  # fmt: skip
+        assert done.returncode == 0, done.stderr[-2000:]
+        return [json.loads(line)["loss"] for line in (tmp_path / out / "train_log.jsonl").read_text().splitlines()]
+
+    assert losses("copy") == losses("given", "--teacher", str(tiny_model_dir))

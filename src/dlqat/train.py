@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import logging
 import resource
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
@@ -139,7 +140,8 @@ def _load_inputs(run: Run, model, tokenizer, data) -> None:
         tokenizer.pad_token = tokenizer.eos_token
     run.model, run.tokenizer = model.to(run.accelerator.device), tokenizer
     if copy_teacher:
-        run.teacher = _float_copy(model, f"loss={cfg.loss!r} with method {run.label}")
+        autocast = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(run.accelerator.mixed_precision)
+        run.teacher = _float_copy(model, f"loss={cfg.loss!r} with method {run.label}", autocast)
     if cfg.gradient_checkpointing:
         if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x name
             model.activation_checkpointing_enable({"use_reentrant": False})
@@ -166,13 +168,27 @@ def _load_inputs(run: Run, model, tokenizer, data) -> None:
         run.curve_ids.update({Path(t).name: tokenize_text(read_text(t), tokenizer) for t in cfg.curve_texts})
 
 
-def _float_copy(model: torch.nn.Module, why: str) -> torch.nn.Module:
+def _float_copy(model: torch.nn.Module, why: str, autocast: torch.dtype | None = None) -> torch.nn.Module:
     """The teacher for a method that keeps no frozen float weight (QA-LoRA replaces it by codes, full-weight
-    QAT trains it, a GPTQ start replaces it by GPTQ's): a frozen copy of the model before surgery."""
-    mib = sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers())) / 2**20
+    QAT trains it, a GPTQ start replaces it by GPTQ's): a frozen copy of the model before surgery.
+
+    Under ``autocast`` every linear layer casts its fp32 weight to that dtype on each call, so the copy
+    holds its linear weights in it already: the same products bit for bit at half the memory. The output
+    head (the loss runs it outside the model, and often shares it with the embedding) and any weight a
+    linear layer shares with another module keep their dtype."""
+    teacher = copy.deepcopy(model).requires_grad_(False)
+    if autocast is not None:
+        head = teacher.get_output_embeddings()
+        uses = Counter(id(p) for m in teacher.modules() for p in m.parameters(recurse=False))
+        for module in teacher.modules():
+            if type(module) is torch.nn.Linear and module is not head:
+                for param in module.parameters(recurse=False):
+                    if uses[id(param)] == 1:
+                        param.data = param.data.to(autocast)
+    mib = sum(t.numel() * t.element_size() for t in (*teacher.parameters(), *teacher.buffers())) / 2**20
     log.info("%s: the float weights are not kept, so a frozen copy of the model (%.0f MiB) is the teacher; "
              "--teacher MODEL picks another, --loss ce needs none", why, mib)  # fmt: skip
-    return copy.deepcopy(model).requires_grad_(False)
+    return teacher
 
 
 def _load_teacher(spec: str, tokenizer, device) -> torch.nn.Module:
