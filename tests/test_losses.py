@@ -233,7 +233,7 @@ def test_half_width_teacher_copy_under_bf16_teaches_as_the_model_given_as_teache
                 "bf16", "--model", str(tiny_model_dir), "--data", str(text_file), "--eval_data", str(text_file),
                 "--seq_len", "32", "--eval_seq_len", "32", "--output_dir", str(tmp_path / out), *extra]  # fmt: skip
         done = subprocess.run([sys.executable, "-m", "dlqat", "train", *args], capture_output=True, text=True,
-                              env={**os.environ, "OMP_NUM_THREADS": "1"})  # fmt: skip
+                              env={**os.environ, "OMP_NUM_THREADS": "1"}, check=False)  # fmt: skip
         assert done.returncode == 0, done.stderr[-2000:]
         return [json.loads(line)["loss"] for line in (tmp_path / out / "train_log.jsonl").read_text().splitlines()]
 
