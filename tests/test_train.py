@@ -1,6 +1,7 @@
 """The training loop on a tiny local Llama: the loss falls, a killed run resumes exactly, the CLI works."""
 
 import json
+import logging
 import math
 import os
 import shutil
@@ -42,6 +43,22 @@ def test_training_lowers_loss_and_writes_the_run(tiny_model_dir, text_file, tmp_
     ):
         assert (tmp_path / "run" / name).is_file(), name
     assert "| dl_qat |" in (tmp_path / "run" / "results.md").read_text()
+
+
+def test_training_that_hurts_the_start_is_reported(caplog):
+    # (on the random tiny model any training lowers perplexity, so the check is on the rule itself)
+    from dlqat.train import _warn_if_worse_than_start
+
+    with caplog.at_level(logging.WARNING, logger="dlqat"):
+        _warn_if_worse_than_start({"float": 9.0, "gptq-mse": 10.0, "dl_qat": 10.5}, "gptq-mse", "dl_qat")
+    assert "worse than the untrained gptq-mse start (10.000 -> 10.500, +5.0%)" in caplog.text
+    assert "ship the start itself (dlqat train --method gptq --grid mse ...)" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="dlqat"):
+        _warn_if_worse_than_start({"rtn-mse": 10.0, "dl_qat": 10.5}, "rtn-mse", "dl_qat")  # no PTQ command for it
+        _warn_if_worse_than_start({"rtn": 10.0, "dl_qat": 9.5}, "rtn", "dl_qat")  # better: nothing to say
+        _warn_if_worse_than_start({"rtn": 10.0}, None, "rtn")  # a PTQ method has no start
+    assert caplog.text.count("worse than the untrained") == 1 and "ship the start" not in caplog.text
 
 
 class Killed(Exception):
@@ -172,6 +189,7 @@ def test_cli_errors_name_the_field_and_value(argv, needle, capsys, tmp_path, mon
 def test_python_dash_m_entry_point():
     done = subprocess.run(
         [sys.executable, "-m", "dlqat", "train", "--help"],
+        check=False,
         capture_output=True,
         text=True,
         env={**os.environ, "PYTHONWARNINGS": "ignore"},

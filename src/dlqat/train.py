@@ -256,6 +256,7 @@ def _finish(run: Run, model: torch.nn.Module, step_times: list[float]) -> dict:
                        overwrite=True)  # fmt: skip
         run.model = model
         evaluate(run, run.label)
+        _warn_if_worse_than_start(run.results["perplexity"], run.method.starts_at(run.method_cfg), run.label)
         run.results["settings"] = {
             "method": run.label, "n_bits": run.method_cfg.n_bits, "group_size": run.method_cfg.group_size,
             "act_bits": run.cfg.act_bits, "kv_bits": run.cfg.kv_bits, "rank": getattr(run.method_cfg, "rank", None),
@@ -266,6 +267,21 @@ def _finish(run: Run, model: torch.nn.Module, step_times: list[float]) -> dict:
         write_results(run.results, run.out)
     run.accelerator.wait_for_everyone()
     return run.results
+
+
+def _warn_if_worse_than_start(perplexity: dict[str, float], start: str | None, label: str) -> None:
+    """Say so when training left the model worse than the PTQ result it started from: at small budgets and too
+    high an lr this happens (Gemma-3-270m, W4, 40 steps from GPTQ), and the untrained start is then the better
+    model to ship."""
+    if not (start and start in perplexity and label in perplexity) or perplexity[label] <= perplexity[start]:
+        return
+    ship = {"gptq": "--method gptq", "gptq-mse": "--method gptq --grid mse", "rtn": "--method rtn"}.get(start)
+    log.warning(
+        "training made the eval perplexity worse than the untrained %s start (%.3f -> %.3f, %+.1f%%): try a "
+        "lower --lr or more steps%s",
+        start, perplexity[start], perplexity[label], 100 * (perplexity[label] / perplexity[start] - 1),
+        f", or ship the start itself (dlqat train {ship} ...)" if ship else "",
+    )  # fmt: skip
 
 
 class _Calibration(Sequence):
