@@ -68,6 +68,7 @@ RECIPES = {
     "kd-lr2e-3-gptqmse": ["--loss", "kd", "--lr", "2e-3", "--quant_lr", "1e-4", "--init", "gptq-mse", "--teacher", "EMBEDDED"],
     "kd-lr5e-4-gptqmse": ["--loss", "kd", "--lr", "5e-4", "--quant_lr", "1e-4", "--init", "gptq-mse", "--teacher", "EMBEDDED"],
     "kd-lr2e-4-gptqmse": ["--loss", "kd", "--lr", "2e-4", "--quant_lr", "1e-4", "--init", "gptq-mse", "--teacher", "EMBEDDED"],
+    "kd-lr2e-3-gptq-p1-0": ["--loss", "kd", "--lr", "2e-3", "--quant_lr", "1e-4", "--init", "gptq", "--teacher", "EMBEDDED", "--phase1_steps", "0"],
     "kd-lr2e-4-gptqmse-p1-0": ["--loss", "kd", "--lr", "2e-4", "--quant_lr", "1e-4", "--init", "gptq-mse", "--teacher", "EMBEDDED", "--phase1_steps", "0"],
     "kd-lr5e-4-gptqmse-p1-0": ["--loss", "kd", "--lr", "5e-4", "--quant_lr", "1e-4", "--init", "gptq-mse", "--teacher", "EMBEDDED", "--phase1_steps", "0"],
     "kd-lr2e-4-mse": ["--loss", "kd", "--lr", "2e-4", "--quant_lr", "1e-4", "--init", "mse"],
