@@ -27,7 +27,7 @@ from dlqat.eval.report import write_results
 from dlqat.export import convert, save_quantized
 from dlqat.fileio import atomic_write, atomic_write_json
 from dlqat.layers import set_act_quant
-from dlqat.layers.weight_quantizer import minmax_ranges
+from dlqat.layers.weight_quantizer import GPTQ_INITS, minmax_ranges
 from dlqat.loop import Checkpointer, batches, quant_state, run_phases
 from dlqat.losses import Objective
 from dlqat.methods import QuantMethodConfig, count_parameters, handler
@@ -275,7 +275,7 @@ def _warn_if_worse_than_start(perplexity: dict[str, float], start: str | None, l
     model to ship."""
     if not (start and start in perplexity and label in perplexity) or perplexity[label] <= perplexity[start]:
         return
-    ship = {"gptq": "--method gptq", "gptq-mse": "--method gptq --grid mse", "rtn": "--method rtn"}.get(start)
+    ship = f"--method gptq --grid {GPTQ_INITS[start]}" if start in GPTQ_INITS else {"rtn": "--method rtn"}.get(start)
     log.warning(
         "training made the eval perplexity worse than the untrained %s start (%.3f -> %.3f, %+.1f%%): try a "
         "lower --lr or more steps%s",
