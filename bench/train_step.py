@@ -178,9 +178,9 @@ def run_variant(args) -> dict:
         objective = Objective(model, "kd", 1.0)
         batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
         n_predicted = ids[:, 1:].numel()
-        forward = lambda: objective(model, batch) / n_predicted  # noqa: E731
+        forward = lambda: objective(model, batch) / n_predicted
     else:
-        forward = lambda: model(input_ids=ids, labels=ids).loss  # noqa: E731
+        forward = lambda: model(input_ids=ids, labels=ids).loss
 
     def step():
         with autocast:

@@ -34,15 +34,15 @@ CORPUS = (
     "Perplexity is the exponential of the mean negative log likelihood per token. "
 ) * 40
 
-TINY = dict(
-    vocab_size=VOCAB,
-    hidden_size=64,
-    intermediate_size=96,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    max_position_embeddings=256,
-)
+TINY = {
+    "vocab_size": VOCAB,
+    "hidden_size": 64,
+    "intermediate_size": 96,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 256,
+}
 
 
 @pytest.fixture(autouse=True)
@@ -154,21 +154,30 @@ def tiny_eval_args(path: Path, text_file: Path, output: Path, max_windows: int =
 
 def tiny_configs(tiny_model_dir, text_file, out, **overrides):
     """``(DLQATConfig, TrainConfig)`` for a seconds-long Python-API run (``overrides`` go to whichever has the field)."""
-    method = dict(n_bits=3, group_size=32, rank=4, phase1_steps=3, phase2_steps=12, lr=1e-2, quant_lr=1e-3, init=None)
-    run = dict(
-        model=str(tiny_model_dir),
-        data=str(text_file),
-        eval_data=str(text_file),
-        output_dir=str(out),
-        seq_len=32,
-        grad_accum=2,
-        micro_batch_size=2,
-        eval_seq_len=32,
-        eval_max_windows=8,
-        save_every=4,
-        progress=False,
-        loss="ce",
-    )
+    method = {
+        "n_bits": 3,
+        "group_size": 32,
+        "rank": 4,
+        "phase1_steps": 3,
+        "phase2_steps": 12,
+        "lr": 1e-2,
+        "quant_lr": 1e-3,
+        "init": None,
+    }
+    run = {
+        "model": str(tiny_model_dir),
+        "data": str(text_file),
+        "eval_data": str(text_file),
+        "output_dir": str(out),
+        "seq_len": 32,
+        "grad_accum": 2,
+        "micro_batch_size": 2,
+        "eval_seq_len": 32,
+        "eval_max_windows": 8,
+        "save_every": 4,
+        "progress": False,
+        "loss": "ce",
+    }
     for key, value in overrides.items():
         (method if key in method else run)[key] = value
     return DLQATConfig(**method), TrainConfig(**run)

@@ -219,7 +219,8 @@ def test_compare_writes_table_csv_and_plot(tiny_model_dir, text_file, tmp_path, 
         )
         == 0
     )
-    rows = list(csv.DictReader(open(out / "comparison.csv")))
+    with open(out / "comparison.csv") as f:
+        rows = list(csv.DictReader(f))
     assert [(r["method"], r["bits"]) for r in rows] == [("rtn", "4"), ("dl_qat", "4"), ("rtn", "3"), ("dl_qat", "3")]
     assert all(float(r["peak_memory_mb"]) > 0 for r in rows)
     assert "| dl_qat | 3 | 32 |" in (out / "comparison.md").read_text()

@@ -53,7 +53,7 @@ def test_cli_trains_with_integer_zero_points_and_exports(tiny_model_dir, text_fi
     from conftest import tiny_args
 
     run = tmp_path / "run"
-    flags = dict(n_bits=4, rank=2, phase1_steps=2, phase2_steps=2, zero_point="int", qparam_dtype="bf16")
+    flags = {"n_bits": 4, "rank": 2, "phase1_steps": 2, "phase2_steps": 2, "zero_point": "int", "qparam_dtype": "bf16"}
     assert main(["train", *tiny_args(tiny_model_dir, text_file, run, **flags)]) == 0
     assert main(["export", str(run), "--format", "gptq", "--out", str(tmp_path / "ct")]) == 0
     state = load_file(tmp_path / "ct" / "model.safetensors")

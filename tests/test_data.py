@@ -95,7 +95,7 @@ def take(it, n):
 def test_micro_batch_order_is_resumable_and_process_independent():
     full = take(micro_batch_indices(10, 2, seed=3), 12)  # crosses an epoch boundary (5 per epoch)
     assert take(micro_batch_indices(10, 2, seed=3, start=7), 5) == full[7:]
-    assert sorted(sum(full[:5], [])) == list(range(10))
+    assert sorted(i for batch in full[:5] for i in batch) == list(range(10))
     assert full[:5] != full[5:10]  # a fresh permutation each epoch
     # two processes at micro-batch 1 see, together, what one process sees at micro-batch 2
     one = take(micro_batch_indices(10, 2, seed=3), 5)

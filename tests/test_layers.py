@@ -10,7 +10,7 @@ from dlqat.quant import dequantize, minmax_scale_offset, quantize
 
 
 def make(linear, **kw):
-    args = dict(n_bits=4, group_size=32, rank=4, alpha=8.0)
+    args = {"n_bits": 4, "group_size": 32, "rank": 4, "alpha": 8.0}
     args.update(kw)
     return QuantLoRALinear.from_linear(linear, **args)
 

@@ -14,16 +14,16 @@ def inputs(dtype, k=96, n=24, g=64, r=4, magnitude=True, bias=True):
     w = torch.randn(n, k, dtype=dtype) * 0.1
     scale, offset = minmax_scale_offset(w, 3, g)
     scale = scale * 0.7  # some weights outside the clip range, so every branch is exercised
-    t = dict(
-        x=torch.randn(2, 5, k, dtype=dtype),
-        weight=w,
-        lora_a=torch.randn(r, k, dtype=dtype) * 0.1,
-        lora_b=torch.randn(n, r, dtype=dtype) * 0.1,
-        scale=scale,
-        offset=offset,
-        magnitude=(torch.rand_like(scale) + 0.5) if magnitude else None,
-        bias=torch.randn(n, dtype=dtype) if bias else None,
-    )
+    t = {
+        "x": torch.randn(2, 5, k, dtype=dtype),
+        "weight": w,
+        "lora_a": torch.randn(r, k, dtype=dtype) * 0.1,
+        "lora_b": torch.randn(n, r, dtype=dtype) * 0.1,
+        "scale": scale,
+        "offset": offset,
+        "magnitude": (torch.rand_like(scale) + 0.5) if magnitude else None,
+        "bias": torch.randn(n, dtype=dtype) if bias else None,
+    }
     for key in ("x", "lora_a", "lora_b", "scale", "offset", "magnitude", "bias"):
         if t[key] is not None:
             t[key].requires_grad_(True)

@@ -18,7 +18,7 @@ from dlqat import loop, run_folder
 from dlqat.cli import main
 from dlqat.run_folder import load_checkpoint
 
-RUN_FLAGS = dict(n_bits=4, rank=2, phase1_steps=2, phase2_steps=4, save_every=2)
+RUN_FLAGS = {"n_bits": 4, "rank": 2, "phase1_steps": 2, "phase2_steps": 4, "save_every": 2}
 
 
 def digest(*roots: Path) -> dict[str, str]:
@@ -203,13 +203,13 @@ def corrupt(path: Path, data: bytes) -> Path:
 
 
 BAD_TRAIN_INPUTS = {
-    "no such model folder": (dict(model="./no-such-model"), "no such model folder"),
-    "folder without config.json": (dict(model="{empty}"), "has no config.json"),
-    "data typo, unknown suffix": (dict(data="trian.csv"), "no such file"),
-    "data typo": (dict(data="./trian.txt"), "not found"),
-    "eval text shorter than a window": (dict(eval_seq_len=100000), "--eval_seq_len=100000"),
-    "fp16 on a CPU": (dict(mixed_precision="fp16"), "mixed_precision='fp16'"),
-    "dynamic clipping with a phase 1": (dict(clip_mode="dynamic", phase1_steps=5), "phase1_steps=5"),
+    "no such model folder": ({"model": "./no-such-model"}, "no such model folder"),
+    "folder without config.json": ({"model": "{empty}"}, "has no config.json"),
+    "data typo, unknown suffix": ({"data": "trian.csv"}, "no such file"),
+    "data typo": ({"data": "./trian.txt"}, "not found"),
+    "eval text shorter than a window": ({"eval_seq_len": 100000}, "--eval_seq_len=100000"),
+    "fp16 on a CPU": ({"mixed_precision": "fp16"}, "mixed_precision='fp16'"),
+    "dynamic clipping with a phase 1": ({"clip_mode": "dynamic", "phase1_steps": 5}, "phase1_steps=5"),
 }
 
 

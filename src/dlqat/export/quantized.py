@@ -97,7 +97,7 @@ def quantize_tied_embedding(model: PreTrainedModel, n_bits: int, group_size: int
     """
     inp, head = model.get_input_embeddings(), model.get_output_embeddings()
     if isinstance(inp, QuantizedEmbedding):
-        raise ValueError("the embedding is already quantized")
+        raise ValueError("the embedding is already quantized")  # noqa: TRY004 (a state error, not a wrong argument type)
     if head is None or not isinstance(inp, nn.Embedding) or head.weight is not inp.weight:
         raise ValueError(
             "embedding quantization needs tied input/output embeddings (config.tie_word_embeddings=True); "
@@ -228,7 +228,7 @@ def load_quantized(
     with init_empty_weights():  # parameters on meta; buffers (rotary tables) built for real
         model = AutoModelForCausalLM.from_config(config)
     build_skeleton(model, meta["layers"], meta.get("embedding"))
-    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
+    _, unexpected = model.load_state_dict(state, strict=False, assign=True)  # missing ones: the meta check below
     if unexpected:
         raise ValueError(f"{path / WEIGHTS_FILE}: tensors the model does not have: {unexpected[:8]}")
     model.tie_weights()  # a float tied head; a quantized table is shared already (and untied in the config)

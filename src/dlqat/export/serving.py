@@ -26,7 +26,9 @@ def format_tensors(
     other float (their biases included) cast to ``dtype`` (tied duplicates once). Returns ``(tensors,
     quantized layers by name)``."""
     if isinstance(model.get_input_embeddings(), QuantizedEmbedding):
-        raise ValueError(f"{what}: the embedding table is quantized here; export from the run folder instead")
+        raise ValueError(  # noqa: TRY004 (a state error, not a wrong argument type)
+            f"{what}: the embedding table is quantized here; export from the run folder instead"
+        )
     layers = {n: m for n, m in model.named_modules() if isinstance(m, QuantizedLinear)}
     tensors: dict[str, torch.Tensor] = {}
     for name, layer in layers.items():
