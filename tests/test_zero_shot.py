@@ -42,6 +42,10 @@ def test_lm_eval_runs_local_tasks_on_a_quantized_model(tiny_model_dir):
     arc = report["tasks"]["arc_easy"]
     assert arc["n"] == 3 and {"acc", "acc_norm"} <= arc.keys()
     assert all(0 <= v <= 1 and math.isclose(v * 3, round(v * 3)) for k, v in arc.items() if k != "n")
+    scores = report["samples"]["arc_easy"]  # per question, for paired comparisons; MMLU subjects have none
+    assert scores["doc_id"] == [0, 1, 2] and set(report["samples"]) == {"arc_easy", "winogrande"}
+    for metric in ("acc", "acc_norm"):
+        assert sum(scores[metric]) / 3 == pytest.approx(arc[metric])
     assert set(report["mmlu"]) == {"stem", "humanities", "social_sciences", "other", "average"}
     assert 0 <= report["mmlu"]["average"] <= 1
 
@@ -67,6 +71,11 @@ def test_eval_and_report_cli(tiny_model_dir, text_file, tmp_path, capsys):
     )
     table = (tmp_path / "rep.md").read_text()
     assert "RTN W4 g32 A8KV8" in table and "token-level ppl" in table
+    assert (
+        "Paired differences against float" in table
+        and "| piqa Δ acc_norm | winogrande Δ acc | average Δ |" not in table
+    )
+    assert "| model | piqa Δ acc_norm | average Δ |" in table  # winogrande: only the float model has it
     assert (tmp_path / "rep.png").stat().st_size > 1000
 
 
@@ -90,3 +99,45 @@ def test_merge_keeps_both_parts():
     table = markdown([m])
     assert "| 25.0 |" in table and "MMLU: lm-eval-harness, limit 5 per task, 5-shot" in table
     assert "Tasks: lm-eval-harness, limit 100" in table
+
+
+def test_paired_difference_equals_a_direct_computation():
+    import statistics
+
+    from dlqat.eval.paired import Z95, paired_difference
+
+    gen = torch.Generator().manual_seed(0)
+    base = (torch.rand(500, generator=gen) < 0.45).float().tolist()
+    other = [1.0 - b if torch.rand(1, generator=gen).item() < 0.1 else b for b in base]
+    ids = list(range(500))
+    got = paired_difference({"doc_id": ids, "acc": base}, {"doc_id": ids, "acc": other}, "acc")
+    d = [o - b for b, o in zip(base, other)]
+    assert got.n == 500 and got.delta == pytest.approx(statistics.mean(d))
+    assert got.half_width == pytest.approx(Z95 * statistics.stdev(d) / 500**0.5)
+    same = paired_difference({"doc_id": ids, "acc": base}, {"doc_id": ids, "acc": base}, "acc")
+    assert (same.delta, same.half_width) == (0.0, 0.0)
+    with pytest.raises(ValueError, match="same questions.*--limit"):
+        paired_difference({"doc_id": ids, "acc": base}, {"doc_id": ids[:10], "acc": base[:10]}, "acc")
+
+
+def test_average_difference_interval_covers_the_true_difference_95_percent_of_the_time():
+    """Simulated experiments with a known difference: the interval of the task average covers it ~95 %."""
+    from dlqat.eval.paired import average_difference, paired_difference
+
+    gen = torch.Generator().manual_seed(1)
+    sizes, p_base, p_flip_up, p_flip_down = (300, 120), (0.6, 0.3), (0.10, 0.05), (0.05, 0.12)
+    truth = sum(up * (1 - p) - down * p for p, up, down in zip(p_base, p_flip_up, p_flip_down)) / 2
+    covered, trials = 0, 1000
+    for _ in range(trials):
+        diffs = []
+        for n, p, up, down in zip(sizes, p_base, p_flip_up, p_flip_down):
+            base = (torch.rand(n, generator=gen) < p).float()
+            u = torch.rand(n, generator=gen)
+            other = torch.where(base == 1, (u >= down).float(), (u < up).float())
+            ids = list(range(n))
+            diffs.append(
+                paired_difference({"doc_id": ids, "acc": base.tolist()}, {"doc_id": ids, "acc": other.tolist()}, "acc")
+            )
+        avg = average_difference(diffs)
+        covered += abs(avg.delta - truth) <= avg.half_width
+    assert 0.93 <= covered / trials <= 0.97

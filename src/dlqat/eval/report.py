@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 from dlqat.commands import EvalConfig
+from dlqat.eval.paired import average_difference, paired_difference, report_metric
 from dlqat.eval.tables import bar_axes, figure, markdown_table
 from dlqat.eval.zero_shot import COMMON_SENSE
 from dlqat.fileio import atomic_write_json, atomic_write_text
@@ -100,13 +101,42 @@ def markdown(results: list[dict]) -> str:
             f"{part}: lm-eval-harness, limit {settings['limit']} per task, {settings['num_fewshot'] or 0}-shot, "
             f"{settings['task_source']} data, split: {settings['split']}; accuracies in %."
         )
-    return "\n".join([markdown_table(head, rows), "", *notes]) + "\n"
+    paired = paired_markdown(results)
+    return "\n".join([markdown_table(head, rows), "", *notes, *(["", paired] if paired else [])]) + "\n"
+
+
+def paired_markdown(results: list[dict]) -> str:
+    """Each later model against the first on the same questions: per-task and average differences, 95 %.
+
+    Uses the tasks every model has per-question scores for (evaluations from before those were saved
+    have none); empty when there are none.
+    """
+    scored = [r for r in results if r.get("samples")]
+    if len(scored) < 2 or scored[0] is not results[0]:
+        return ""
+    base = results[0]["samples"]
+    order = TASK_COLUMNS + sorted(set(base) - set(TASK_COLUMNS))
+    tasks = [t for t in order if all(t in r["samples"] for r in scored)]
+    if not tasks:
+        return ""
+    rows = []
+    for r in scored[1:]:
+        diffs = [paired_difference(base[t], r["samples"][t], report_metric(base[t])) for t in tasks]
+        rows.append([r["model"], *(d.points() for d in diffs), average_difference(diffs).points()])
+    head = ["model", *(f"{t} Δ {report_metric(base[t])}" for t in tasks), "average Δ"]
+    note = (
+        f"Paired differences against {results[0]['model']} on the same questions, in accuracy points, with the "
+        "95 % interval of the mean per-question difference (normal approximation); the average is the "
+        "unweighted mean over the tasks shown (tasks are disjoint, so their variances add)."
+    )
+    return "\n".join([markdown_table(head, rows), "", note])
 
 
 def merge_eval(old: dict, new: dict) -> dict:
     """``new`` over ``old``: task results merged; per-part settings kept under ``settings_by_part``."""
     merged = {**old, **{k: v for k, v in new.items() if k not in ("tasks", "settings")}}
     merged["tasks"] = {**old.get("tasks", {}), **new.get("tasks", {})}
+    merged["samples"] = {**old.get("samples", {}), **new.get("samples", {})}
     parts = old.get("settings_by_part", {"tasks": old["settings"]} if "settings" in old else {})
     if "settings" in new:
         parts["mmlu" if "mmlu" in new else "tasks"] = new["settings"]

