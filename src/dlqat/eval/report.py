@@ -102,7 +102,8 @@ def markdown(results: list[dict]) -> str:
             f"{settings['task_source']} data, split: {settings['split']}; accuracies in %."
         )
     paired = paired_markdown(results)
-    return "\n".join([markdown_table(head, rows), "", *notes, *(["", paired] if paired else [])]) + "\n"
+    blocks = [markdown_table(head, rows), "\n".join(notes), paired]
+    return "\n\n".join(b for b in blocks if b) + "\n"
 
 
 def paired_markdown(results: list[dict]) -> str:
