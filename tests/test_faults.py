@@ -96,10 +96,28 @@ def run_two_processes(engine: str, *args: str, **popen) -> subprocess.CompletedP
     ]
     if popen:
         return subprocess.Popen([*command, *args], env=env, **popen)
-    done = subprocess.run([*command, *args], env=env, capture_output=True, text=True, check=False)
+    done = run_with_deadline([*command, *args], env)
     # Show the launcher's own output on failure: check=True alone hides why a rank exited.
     assert done.returncode == 0, f"{engine} run exited {done.returncode}:\n{done.stdout[-4000:]}\n{done.stderr[-8000:]}"
     return done
+
+
+def run_with_deadline(command: list[str], env: dict, timeout_s: float = 600) -> subprocess.CompletedProcess:
+    """Run the launcher in its own process group; past ``timeout_s`` kill the group and fail.
+
+    A rank that hangs (say, on a build lock) must fail this test, not stall the suite: killing only
+    torchrun would leave its workers running.
+    """
+    child = subprocess.Popen(
+        command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
+    try:
+        stdout, stderr = child.communicate(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        os.killpg(child.pid, signal.SIGKILL)
+        stdout, stderr = child.communicate()
+        pytest.fail(f"{' '.join(command[-12:])} still running after {timeout_s:.0f} s:\n{stderr[-8000:]}")
+    return subprocess.CompletedProcess(command, child.returncode, stdout, stderr)
 
 
 @pytest.fixture(scope="module")
@@ -182,6 +200,22 @@ def test_sharded_kill_9_then_resume_ends_like_an_uninterrupted_run(engine, tiny_
     expected, resumed = (load_file(r / "quant_state.safetensors") for r in (straight, run))
     for key in expected:
         torch.testing.assert_close(resumed[key], expected[key], atol=0, rtol=0)
+
+
+def test_a_stale_build_lock_is_named_instead_of_hanging_every_rank(tmp_path, monkeypatch):
+    """A killed DeepSpeed op build leaves a lock that torch would wait on forever: refuse, naming it."""
+    from dlqat.sharding import STALE_LOCK_AGE_S, check_no_stale_build_lock, make_accelerator
+
+    lock = tmp_path / "deepspeed_shm_comm" / "lock"
+    lock.parent.mkdir()
+    lock.touch()
+    check_no_stale_build_lock(tmp_path)  # a young lock is a build in progress: wait on it as torch does
+    old = time.time() - STALE_LOCK_AGE_S - 60
+    os.utime(lock, (old, old))
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    with pytest.raises(RuntimeError, match=f"stale build lock {lock}.*delete it"):
+        make_accelerator(grad_accum=1, mixed_precision="no", micro_batch_size=1, max_grad_norm=1.0)
 
 
 def test_kill_9_then_resume_ends_like_an_uninterrupted_run(tiny_model_dir, text_file, tmp_path):

