@@ -101,6 +101,22 @@ def test_merge_keeps_both_parts():
     assert "Tasks: lm-eval-harness, limit 100" in table
 
 
+def test_two_task_parts_with_different_limits_keep_both_limits():
+    """Appending hellaswag on a subset to full-set tasks must not relabel the full sets with its limit."""
+    from dlqat.eval.report import markdown, merge_eval
+
+    settings = {"num_fewshot": None, "task_source": "local", "split": "validation"}
+    full = {
+        "model": "m",
+        "tasks": {"piqa": {"acc": 0.5}, "winogrande": {"acc": 0.5}},
+        "settings": {**settings, "limit": None},
+    }
+    subset = {"model": "m", "tasks": {"hellaswag": {"acc": 0.4}}, "settings": {**settings, "limit": 2000}}
+    table = markdown([merge_eval(full, subset)])
+    assert "piqa, winogrande: lm-eval-harness, every example (full split)" in table
+    assert "hellaswag: lm-eval-harness, limit 2000 per task" in table
+
+
 def test_paired_difference_equals_a_direct_computation():
     import statistics
 

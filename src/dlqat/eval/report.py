@@ -98,7 +98,9 @@ def markdown(results: list[dict]) -> str:
             break
     for part, settings in _settings(results).items():
         notes.append(
-            f"{part}: lm-eval-harness, limit {settings['limit']} per task, {settings['num_fewshot'] or 0}-shot, "
+            f"{part}: lm-eval-harness, "
+            + ("every example (full split)" if settings["limit"] is None else f"limit {settings['limit']} per task")
+            + f", {settings['num_fewshot'] or 0}-shot, "
             f"{settings['task_source']} data, split: {settings['split']}; accuracies in %."
         )
     paired = paired_markdown(results)
@@ -138,18 +140,28 @@ def merge_eval(old: dict, new: dict) -> dict:
     merged = {**old, **{k: v for k, v in new.items() if k not in ("tasks", "settings")}}
     merged["tasks"] = {**old.get("tasks", {}), **new.get("tasks", {})}
     merged["samples"] = {**old.get("samples", {}), **new.get("samples", {})}
-    parts = old.get("settings_by_part", {"tasks": old["settings"]} if "settings" in old else {})
+    parts = dict(old.get("settings_by_part") or ({_part_key(old): old["settings"]} if "settings" in old else {}))
     if "settings" in new:
-        parts["mmlu" if "mmlu" in new else "tasks"] = new["settings"]
+        parts[_part_key(new)] = new["settings"]
     merged["settings_by_part"] = parts
     merged.pop("settings", None)
     return merged
 
 
+def _part_key(result: dict) -> str:
+    """An evaluation part is named by its tasks, so that two parts run with different limits keep both."""
+    return "mmlu" if "mmlu" in result else ",".join(result.get("tasks", {})) or "tasks"
+
+
 def _settings(results: list[dict]) -> dict:
     for r in results:
         if "settings_by_part" in r:
-            return {("MMLU" if k == "mmlu" else "Tasks"): v for k, v in r["settings_by_part"].items()}
+            parts = r["settings_by_part"]
+            task_parts = [k for k in parts if k != "mmlu"]
+            return {
+                ("MMLU" if k == "mmlu" else "Tasks" if len(task_parts) == 1 else k.replace(",", ", ")): v
+                for k, v in parts.items()
+            }
         if "settings" in r:
             return {"Tasks": r["settings"]}
     return {}
