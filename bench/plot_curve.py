@@ -1,6 +1,7 @@
 """Learning curves of finished (or running) runs: held-out perplexity vs optimizer steps, one panel per
 text, one line per run, from each run's ``curve.jsonl`` (``dlqat train --eval_at ... --curve_eval_data``);
-the float model's perplexity (from the run's checkpoint results) is the dashed line.
+the float model's perplexity (from the run's checkpoint results) is the dashed line, each run's untrained
+start (the PTQ result it starts from: RTN, GPTQ, ...) a dotted one: what training has to beat.
 
     python bench/plot_curve.py runs/long/w3g128-kd-200 --out docs/curve_w3g128.png
 """
@@ -12,6 +13,7 @@ import json
 from pathlib import Path
 
 from dlqat.eval.tables import line_plot, markdown_table
+from dlqat.methods import config_class, handler
 from dlqat.run_folder import load_checkpoint
 
 
@@ -24,13 +26,22 @@ def read_curve(run: Path) -> dict[str, dict[int, float]]:
     return curve
 
 
-def float_perplexities(run: Path) -> dict[str, float]:
-    """The float row of every text, from ``results.json`` or, for an unfinished run, its checkpoint."""
+def perplexities(run: Path, row: str) -> dict[str, float]:
+    """Text -> perplexity of one row (``float``, ``rtn``, ...) from ``results.json`` or, for an unfinished
+    run, its checkpoint."""
     if (run / "results.json").is_file():
         results = json.loads((run / "results.json").read_text())
     else:
         results = load_checkpoint(run / "checkpoint.pt")["results"]  # weights_only, as every checkpoint load
-    return {text: rows["float"] for text, rows in results.get("perplexity_by_text", {}).items() if "float" in rows}
+    return {text: rows[row] for text, rows in results.get("perplexity_by_text", {}).items() if row in rows}
+
+
+def start_label(run: Path) -> str | None:
+    """The row name of the PTQ result the run's untrained model computes (e.g. ``gptq-mse``), or None."""
+    settings = json.loads((run / "run_config.json").read_text())
+    fields = {k: v for k, v in settings["method_config"].items() if k != "method"}
+    cfg = config_class(settings["method"])(**fields)
+    return handler(cfg).starts_at(cfg)
 
 
 def main() -> None:
@@ -39,13 +50,20 @@ def main() -> None:
     parser.add_argument("--out", required=True, help="PNG path (a Markdown table is printed)")
     args = parser.parse_args()
     curves = {Path(run).name: read_curve(Path(run)) for run in args.runs}
-    floats = float_perplexities(Path(args.runs[0]))
+    floats = perplexities(Path(args.runs[0]), "float")
+    starts = {}  # reference line name -> text -> perplexity
+    for run in map(Path, args.runs):
+        if label := start_label(run):
+            starts[f"{run.name}: untrained ({label})" if len(args.runs) > 1 else f"untrained ({label})"] = perplexities(
+                run, label
+            )
     texts = sorted({text for curve in curves.values() for text in curve})
-    series = [
-        (text, {name: (sorted(c[text]), [c[text][s] for s in sorted(c[text])]) for name, c in curves.items()},
-         floats.get(text))
-        for text in texts
-    ]  # fmt: skip
+    series = []
+    for text in texts:
+        refs = {"float": floats[text]} if text in floats else {}
+        refs.update({name: by_text[text] for name, by_text in starts.items() if text in by_text})
+        lines = {name: (sorted(c[text]), [c[text][s] for s in sorted(c[text])]) for name, c in curves.items()}
+        series.append((text, lines, refs))
     line_plot(series, "optimizer steps", "held-out perplexity (log)", Path(args.out))
     rows = [
         [name, text, *(f"{step}: {ppl:.2f} ({ppl / floats[text]:.2f}x)" for step, ppl in sorted(c[text].items()))]

@@ -141,7 +141,7 @@ def plot_curves(rows: list[dict], steps: list[int], out: Path) -> Path | None:
             points = curve_points(r, steps).get(text, {})
             lines[r["method"]] = ([s for s in steps if s in points], [points[s] for s in steps if s in points])
         ref = next((r["by_text"][text].get("float") for r in rows if text in r["by_text"]), None)
-        series.append((f"W{bits} g{group}, {text}", lines, ref))
+        series.append((f"W{bits} g{group}, {text}", lines, {"float": ref} if ref else {}))
     return line_plot(series, "optimizer steps", "held-out perplexity (log)", out / "curves.png")
 
 

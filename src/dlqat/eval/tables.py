@@ -49,18 +49,20 @@ def figure(panels: int, width_per_panel: float, path: Path, draw) -> Path | None
     return path
 
 
-def line_plot(series: list[tuple[str, dict[str, tuple[list, list]], float | None]], xlabel: str, ylabel: str,
+def line_plot(series: list[tuple[str, dict[str, tuple[list, list]], dict[str, float]]], xlabel: str, ylabel: str,
               path: Path) -> Path | None:  # fmt: skip
-    """One panel per ``(title, {line name: (xs, ys)}, reference y)``; log y, a dashed reference line."""
+    """One panel per ``(title, {line name: (xs, ys)}, {reference name: y})``; log y, the references as
+    horizontal lines (the first dashed: float; the others dotted: e.g. an untrained start)."""
 
     from matplotlib.ticker import LogFormatter, NullFormatter, ScalarFormatter
 
     def draw(axes):
-        for ax, (title, lines, ref) in zip(axes, series):
+        for ax, (title, lines, refs) in zip(axes, series):
             for name, (xs, ys) in lines.items():
                 ax.plot(xs, ys, marker="o", label=name)
-            if ref:
-                ax.axhline(ref, color="gray", linestyle="--", linewidth=1, label="float")
+            for i, (name, y) in enumerate(refs.items()):
+                ax.axhline(y, color="gray" if i == 0 else f"C{len(lines) + i}", linestyle="--" if i == 0 else ":",
+                           linewidth=1, label=name)  # fmt: skip
             ax.set(title=title, xlabel=xlabel, ylabel=ylabel, xscale="log", yscale="log")
             # plain numbers (16.3; the evaluated steps), not 1.63 x 10^1
             ax.set_xticks(sorted({x for xs, _ in lines.values() for x in xs}))
