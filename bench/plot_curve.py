@@ -44,6 +44,14 @@ def start_label(run: Path) -> str | None:
     return handler(cfg).starts_at(cfg)
 
 
+def untrained_starts(runs: list[Path]) -> dict[str, dict[str, float]]:
+    """Reference line name -> text -> perplexity of each run's untrained start. Seeds of one recipe share
+    their start: then one line for all of them, else one per run, named after it."""
+    run_starts = [(run.name, label, perplexities(run, label)) for run in runs if (label := start_label(run))]
+    shared = len({(label, tuple(sorted(by_text.items()))) for _, label, by_text in run_starts}) == 1
+    return {f"untrained ({label})" if shared else f"{name}: untrained ({label})": by_text for name, label, by_text in run_starts}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("runs", nargs="+", help="run folders with curve.jsonl")
@@ -51,12 +59,7 @@ def main() -> None:
     args = parser.parse_args()
     curves = {Path(run).name: read_curve(Path(run)) for run in args.runs}
     floats = perplexities(Path(args.runs[0]), "float")
-    starts = {}  # reference line name -> text -> perplexity
-    for run in map(Path, args.runs):
-        if label := start_label(run):
-            starts[f"{run.name}: untrained ({label})" if len(args.runs) > 1 else f"untrained ({label})"] = perplexities(
-                run, label
-            )
+    starts = untrained_starts(list(map(Path, args.runs)))
     texts = sorted({text for curve in curves.values() for text in curve})
     series = []
     for text in texts:

@@ -254,3 +254,11 @@ def test_eval_at_writes_a_curve_on_every_text(tiny_model_dir, text_file, tmp_pat
     spec.loader.exec_module(plot_curve)
     assert plot_curve.start_label(tmp_path / "run") == "rtn-mse"
     assert plot_curve.perplexities(tmp_path / "run", "rtn-mse") == {t: by_text[t]["rtn-mse"] for t in by_text}
+    # a second seed with the same start shares one reference line; a different start gets its own
+    shutil.copytree(tmp_path / "run", tmp_path / "seed2", ignore=shutil.ignore_patterns("checkpoint*", "quantized"))
+    starts = {t: by_text[t]["rtn-mse"] for t in by_text}
+    assert plot_curve.untrained_starts([tmp_path / "run", tmp_path / "seed2"]) == {"untrained (rtn-mse)": starts}
+    results_file = tmp_path / "seed2" / "results.json"
+    results_file.write_text(results_file.read_text().replace(str(by_text["other.txt"]["rtn-mse"]), "1.5"))
+    assert set(plot_curve.untrained_starts([tmp_path / "run", tmp_path / "seed2"])) == {
+        "run: untrained (rtn-mse)", "seed2: untrained (rtn-mse)"}  # fmt: skip

@@ -36,14 +36,16 @@ def bar_axes(ax, labels: Sequence[str], groups: dict[str, Sequence[float]], valu
                   fontsize=8)  # fmt: skip
 
 
-def figure(panels: int, width_per_panel: float, path: Path, draw) -> Path | None:
-    """A row of ``panels`` axes, filled by ``draw(axes)``, saved to ``path`` (None without matplotlib)."""
+def figure(panels: int, width_per_panel: float, path: Path, draw, legend_rows: int = 0) -> Path | None:
+    """A row of ``panels`` axes, filled by ``draw(axes)``, saved to ``path`` (None without matplotlib);
+    ``legend_rows`` reserves room below the panels for a figure legend that ``draw`` puts there."""
     plt = _pyplot()
     if plt is None:
         return None
-    fig, axes = plt.subplots(1, panels, figsize=(max(4.0, width_per_panel * panels), 4), squeeze=False)
+    legend_height = 0.25 * legend_rows  # inches
+    fig, axes = plt.subplots(1, panels, figsize=(max(4.0, width_per_panel * panels), 4 + legend_height), squeeze=False)
     draw(list(axes[0]))
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, legend_height / (4 + legend_height), 1, 1))
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
@@ -71,6 +73,10 @@ def line_plot(series: list[tuple[str, dict[str, tuple[list, list]], dict[str, fl
             ax.yaxis.set_major_formatter(ScalarFormatter())
             # every minor tick labelled over a narrow range, only some (2, 3, 5 x 10^k) over a decade or more
             ax.yaxis.set_minor_formatter(LogFormatter(labelOnlyBase=False, minor_thresholds=(2, 0.5)))
-            ax.legend(fontsize=7)
+        # every panel has the same lines: one legend under the row, not one over each panel's data
+        handles, labels = axes[0].get_legend_handles_labels()
+        axes[0].figure.legend(handles, labels, loc="lower center", ncol=columns, fontsize=8, frameon=False)
 
-    return figure(len(series), 4.5, path, draw)
+    entries = len(series[0][1]) + len(series[0][2]) if series else 0
+    columns = max(1, min(3, entries))
+    return figure(len(series), 4.5, path, draw, legend_rows=-(-entries // columns))
