@@ -49,7 +49,10 @@ def untrained_starts(runs: list[Path]) -> dict[str, dict[str, float]]:
     their start: then one line for all of them, else one per run, named after it."""
     run_starts = [(run.name, label, perplexities(run, label)) for run in runs if (label := start_label(run))]
     shared = len({(label, tuple(sorted(by_text.items()))) for _, label, by_text in run_starts}) == 1
-    return {f"untrained ({label})" if shared else f"{name}: untrained ({label})": by_text for name, label, by_text in run_starts}
+    return {
+        f"untrained ({label})" if shared else f"{name}: untrained ({label})": by_text
+        for name, label, by_text in run_starts
+    }
 
 
 def main() -> None:
