@@ -43,9 +43,10 @@ def figure(panels: int, width_per_panel: float, path: Path, draw, legend_rows: i
     if plt is None:
         return None
     legend_height = 0.25 * legend_rows  # inches
-    fig, axes = plt.subplots(1, panels, figsize=(max(4.0, width_per_panel * panels), 4 + legend_height), squeeze=False)
+    height = 4 + legend_height
+    fig, axes = plt.subplots(1, panels, figsize=(max(4.0, width_per_panel * panels), height), squeeze=False)
     draw(list(axes[0]))
-    fig.tight_layout(rect=(0, legend_height / (4 + legend_height), 1, 1))
+    fig.tight_layout(rect=(0, legend_height / height, 1, 1))
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
@@ -57,6 +58,9 @@ def line_plot(series: list[tuple[str, dict[str, tuple[list, list]], dict[str, fl
     horizontal lines (the first dashed: float; the others dotted: e.g. an untrained start)."""
 
     from matplotlib.ticker import LogFormatter, NullFormatter, ScalarFormatter
+
+    entries = len(series[0][1]) + len(series[0][2]) if series else 0  # legend entries: lines + references
+    columns = max(1, min(3, entries))
 
     def draw(axes):
         for ax, (title, lines, refs) in zip(axes, series):
@@ -77,6 +81,4 @@ def line_plot(series: list[tuple[str, dict[str, tuple[list, list]], dict[str, fl
         handles, labels = axes[0].get_legend_handles_labels()
         axes[0].figure.legend(handles, labels, loc="lower center", ncol=columns, fontsize=8, frameon=False)
 
-    entries = len(series[0][1]) + len(series[0][2]) if series else 0
-    columns = max(1, min(3, entries))
     return figure(len(series), 4.5, path, draw, legend_rows=-(-entries // columns))
