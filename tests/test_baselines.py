@@ -149,6 +149,12 @@ def test_presets_and_method_flags():
         parse_train_args(["--preset", "paper", "--lr-schedule", "cosine"])
     with pytest.raises(ValueError, match="preset='dlqat-9'"):
         parse_train_args(["--preset", "dlqat-9"])
+    cfg, _ = parse_train_args(["--method", "qa_lora", "--preset", "paper"])  # presets are keyed by method
+    assert (cfg.base, cfg.rank, cfg.alpha, cfg.lr) == ("gptq", 64, 16.0, 2e-4)
+    with pytest.raises(ValueError, match="preset='dlqat-1' with --method qa_lora"):
+        parse_train_args(["--method", "qa_lora", "--preset", "dlqat-1"])
+    with pytest.raises(ValueError, match="preset='paper' with --method l4q: expected one of \\[\\]"):
+        parse_train_args(["--method", "l4q", "--preset", "paper"])
     with pytest.raises(ValueError, match="method='nope'"):
         parse_train_args(["--method", "nope"])
 
@@ -315,9 +321,21 @@ def test_compare_draws_learning_curves_on_every_text(tiny_model_dir, text_file, 
         assert json.loads((out / run / "run_config.json").read_text())["train_config"]["lr_schedule"] == "constant"
     text = (out / "curves.md").read_text()
     assert "Held-out text: other.txt" in text and "| dl_qat:paper | 3 | 32 |" in text
+    with open(out / "comparison.csv") as f:  # the table has a column per held-out text: its last curve point
+        l4q_row = next(r for r in csv.DictReader(f) if r["method"] == "l4q")
+    assert float(l4q_row["perplexity_other.txt"]) == curve[-1]["perplexity"]
+    assert float(l4q_row["perplexity"]) == curve[-2]["perplexity"]
+    assert "| method | W | g | perplexity | other.txt | float |" in (out / "comparison.md").read_text()
     rtn_row = next(line for line in text.splitlines() if line.startswith("| rtn |"))
     assert rtn_row.split("|")[4] == rtn_row.split("|")[5]  # flat: no training
     assert (out / "curves.png").stat().st_size > 0
+
+
+def test_compare_refuses_an_unknown_preset_before_any_run(tmp_path, capsys):
+    out = tmp_path / "c"
+    assert main(["compare", "--methods", "rtn,l4q:paper", "--output_dir", str(out)]) == 2
+    assert "l4q:paper: l4q has no preset 'paper'" in capsys.readouterr().err
+    assert not out.exists()
 
 
 def test_compare_refuses_a_curve_with_a_decaying_lr(tmp_path, capsys):

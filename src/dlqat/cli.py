@@ -10,7 +10,7 @@ from pathlib import Path
 
 from transformers import HfArgumentParser
 
-from dlqat.methods import PRESETS, DLQATConfig, QuantMethodConfig, config_class, method_names
+from dlqat.methods import QuantMethodConfig, config_class, method_configs, method_names
 from dlqat.train_config import TrainConfig
 
 
@@ -28,11 +28,18 @@ def parse_train_args(argv: list[str]) -> tuple[QuantMethodConfig, TrainConfig]:
         description="Quantization-aware low-rank fine-tuning of a causal LM.",
     )
     parser.add_argument("--method", default="dl_qat", help=f"one of {method_names()} (default: dl_qat)")
-    parser.add_argument("--preset", default=None, help=f"DL-QAT setting, one of {sorted(PRESETS)}")
+    presets = config_cls.presets
+    parser.add_argument(
+        "--preset", default=None, help=f"named settings of --method {config_cls.name}: {sorted(presets) or 'none'}"
+    )
     if known.preset is not None:
-        if known.preset not in PRESETS or config_cls is not DLQATConfig:
-            raise ValueError(f"preset={known.preset!r}: expected one of {sorted(PRESETS)} with --method dl_qat")
-        preset = PRESETS[known.preset]
+        if known.preset not in presets:
+            offered = {name: sorted(cls.presets) for name, cls in method_configs().items() if cls.presets}
+            raise ValueError(
+                f"preset={known.preset!r} with --method {config_cls.name}: expected one of {sorted(presets)} "
+                f"(presets by method: {offered})"
+            )
+        preset = presets[known.preset]
         given = {
             arg.split("=", 1)[0].removeprefix("--").replace("-", "_").removeprefix("no_")
             for arg in rest

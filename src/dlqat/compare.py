@@ -3,7 +3,7 @@
 Each run is a separate ``dlqat train`` process (so peak memory is that run's own), written to
 ``OUT/METHOD-wBITSgGROUP``; finished runs are reused when the comparison is run again, killed ones
 resume. The table goes to ``OUT/comparison.{md,csv}`` and a bar chart of perplexity to
-``OUT/comparison.png``. A method may name a DL-QAT preset: ``dl_qat:paper``.
+``OUT/comparison.png``. A method may name one of its presets: ``dl_qat:paper``, ``qa_lora:paper``.
 
 Learning curves: ``--steps 40,120,400`` trains each method once for the largest budget and evaluates
 it at each listed step (``--eval_at``), on ``--eval_data`` and every ``--curve_eval_data`` text:
@@ -25,7 +25,7 @@ from pathlib import Path
 
 from dlqat.eval.tables import bar_axes, figure, line_plot, markdown_table
 from dlqat.fileio import atomic_write_json, atomic_write_text
-from dlqat.methods import method_names
+from dlqat.methods import config_class, method_names
 
 COLUMNS = [
     "method",
@@ -145,17 +145,33 @@ def plot_curves(rows: list[dict], steps: list[int], out: Path) -> Path | None:
     return line_plot(series, "optimizer steps", "held-out perplexity (log)", out / "curves.png")
 
 
+def more_texts(rows: list[dict]) -> list[str]:
+    """The held-out texts after ``--eval_data`` (``--curve_eval_data``), in the order the runs name them."""
+    return list(dict.fromkeys(t for r in rows for t in r["by_text"]))[1:]
+
+
+def text_perplexity(row: dict, text: str) -> float | None:
+    return row["by_text"].get(text, {}).get(row["method"].split(":")[0])
+
+
 def write_table(rows: list[dict], out: Path) -> str:
+    """Markdown and CSV; one more perplexity column (with its ratio to float) per ``--curve_eval_data`` text."""
+    texts = more_texts(rows)
     with open(out / "comparison.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
+        writer = csv.DictWriter(f, fieldnames=[*COLUMNS, *(f"perplexity_{t}" for t in texts)], extrasaction="ignore")
         writer.writeheader()
-        writer.writerows(rows)
+        writer.writerows({**r, **{f"perplexity_{t}": text_perplexity(r, t) for t in texts}} for r in rows)
     fmt = lambda v, spec: "-" if v is None else format(v, spec)
-    head = ["method", "W", "g", "perplexity", "float", "RTN", "trainable", "%", "peak MB", "s/step"]
+
+    def on_text(row: dict, text: str) -> str:
+        ppl, ref = text_perplexity(row, text), row["by_text"].get(text, {}).get("float")
+        return "-" if ppl is None else f"{ppl:.3f}" + (f" ({ppl / ref:.2f}x)" if ref else "")
+
+    head = ["method", "W", "g", "perplexity", *texts, "float", "RTN", "trainable", "%", "peak MB", "s/step"]
     body = [
-        [r["method"], r["bits"], r["group"], f"{r['perplexity']:.3f}", fmt(r["float"], ".3f"), fmt(r["rtn"], ".3f"),
-         f"{r['trainable_params']:,}", f"{r['trainable_pct']:.2f}", fmt(r["peak_memory_mb"], ".0f"),
-         fmt(r["seconds_per_step"], ".2f")]
+        [r["method"], r["bits"], r["group"], f"{r['perplexity']:.3f}", *(on_text(r, t) for t in texts),
+         fmt(r["float"], ".3f"), fmt(r["rtn"], ".3f"), f"{r['trainable_params']:,}", f"{r['trainable_pct']:.2f}",
+         fmt(r["peak_memory_mb"], ".0f"), fmt(r["seconds_per_step"], ".2f")]
         for r in rows
     ]  # fmt: skip
     table = markdown_table(head, body)
@@ -202,6 +218,12 @@ def main(argv: list[str]) -> int:
     unknown = [m for m in methods if m.split(":")[0] not in method_names()]
     if unknown:
         raise ValueError(f"methods={unknown}: expected names from {method_names()}")
+    for name, _, preset in (m.partition(":") for m in methods):
+        if preset and preset not in config_class(name).presets:  # refused now, not after the runs before it
+            raise ValueError(
+                f"methods: {name}:{preset}: {name} has no preset {preset!r} (its presets: "
+                f"{sorted(config_class(name).presets) or 'none'})"
+            )
     try:
         steps = sorted({int(s) for s in args.steps.split(",") if s})
     except ValueError as err:

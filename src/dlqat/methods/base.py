@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -25,6 +25,9 @@ class QuantMethodConfig:
     """Settings every method has."""
 
     name: ClassVar[str] = ""  # the method's CLI name (``--method``)
+    # Named settings (``--preset NAME``, ``dlqat compare --methods METHOD:NAME``): field -> value, over this
+    # config's fields and TrainConfig's. A preset pins a published recipe so that it stays one flag away.
+    presets: ClassVar[dict[str, dict[str, Any]]] = {}
     n_bits: int = field(default=4, metadata={"help": "weight bits, 2..8"})
     group_size: int = field(
         default=128,

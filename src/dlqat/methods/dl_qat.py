@@ -103,6 +103,7 @@ PRESETS = {
         "lr": 2e-4, "quant_lr": 2e-4, "lr_schedule": "constant",
     },
 }  # fmt: skip
+DLQATConfig.presets = PRESETS
 
 
 @register_method(DLQATConfig)
