@@ -23,7 +23,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from dlqat.eval.tables import bar_axes, figure, line_plot, markdown_table
+from dlqat.eval.tables import bar_axes, figure, line_plot, markdown_table, plain_log_y
 from dlqat.fileio import atomic_write_json, atomic_write_text
 from dlqat.methods import config_class, method_names
 
@@ -194,7 +194,8 @@ def plot(rows: list[dict], out: Path) -> Path | None:
         bar_axes(ax, methods, groups, value_labels=True)
         if floats:
             ax.axhline(floats[0], color="gray", linestyle="--", linewidth=1, label="float")
-        ax.set(ylabel="held-out perplexity (lower is better)", yscale="log")
+        ax.set(ylabel="held-out perplexity (lower is better)")
+        plain_log_y(ax)
         ax.legend()
 
     return figure(1, 1.2 + 1.1 * len(methods) * len(settings), out / "comparison.png", draw)

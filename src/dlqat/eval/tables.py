@@ -36,6 +36,16 @@ def bar_axes(ax, labels: Sequence[str], groups: dict[str, Sequence[float]], valu
                   fontsize=8)  # fmt: skip
 
 
+def plain_log_y(ax) -> None:
+    """Log y labelled with plain numbers (16.3, not 1.63 x 10^1): every minor tick labelled over a narrow
+    range, only some (2, 3, 5 x 10^k) over a decade or more."""
+    from matplotlib.ticker import LogFormatter, ScalarFormatter
+
+    ax.set_yscale("log")
+    ax.yaxis.set_major_formatter(ScalarFormatter())
+    ax.yaxis.set_minor_formatter(LogFormatter(labelOnlyBase=False, minor_thresholds=(2, 0.5)))
+
+
 def figure(panels: int, width_per_panel: float, path: Path, draw, legend_rows: int = 0) -> Path | None:
     """A row of ``panels`` axes, filled by ``draw(axes)``, saved to ``path`` (None without matplotlib);
     ``legend_rows`` reserves room below the panels for a figure legend that ``draw`` puts there."""
@@ -57,7 +67,7 @@ def line_plot(series: list[tuple[str, dict[str, tuple[list, list]], dict[str, fl
     """One panel per ``(title, {line name: (xs, ys)}, {reference name: y})``; log y, the references as
     horizontal lines (the first dashed: float; the others dotted: e.g. an untrained start)."""
 
-    from matplotlib.ticker import LogFormatter, NullFormatter, ScalarFormatter
+    from matplotlib.ticker import NullFormatter, ScalarFormatter
 
     entries = len(series[0][1]) + len(series[0][2]) if series else 0  # legend entries: lines + references
     columns = max(1, min(3, entries))
@@ -69,14 +79,11 @@ def line_plot(series: list[tuple[str, dict[str, tuple[list, list]], dict[str, fl
             for i, (name, y) in enumerate(refs.items()):
                 ax.axhline(y, color="gray" if i == 0 else f"C{len(lines) + i}", linestyle="--" if i == 0 else ":",
                            linewidth=1, label=name)  # fmt: skip
-            ax.set(title=title, xlabel=xlabel, ylabel=ylabel, xscale="log", yscale="log")
-            # plain numbers (16.3; the evaluated steps), not 1.63 x 10^1
-            ax.set_xticks(sorted({x for xs, _ in lines.values() for x in xs}))
+            ax.set(title=title, xlabel=xlabel, ylabel=ylabel, xscale="log")
+            plain_log_y(ax)
+            ax.set_xticks(sorted({x for xs, _ in lines.values() for x in xs}))  # the evaluated steps, plain
             ax.xaxis.set_major_formatter(ScalarFormatter())
             ax.xaxis.set_minor_formatter(NullFormatter())
-            ax.yaxis.set_major_formatter(ScalarFormatter())
-            # every minor tick labelled over a narrow range, only some (2, 3, 5 x 10^k) over a decade or more
-            ax.yaxis.set_minor_formatter(LogFormatter(labelOnlyBase=False, minor_thresholds=(2, 0.5)))
         # every panel has the same lines: one legend under the row, not one over each panel's data
         handles, labels = axes[0].get_legend_handles_labels()
         axes[0].figure.legend(handles, labels, loc="lower center", ncol=columns, fontsize=8, frameon=False)
