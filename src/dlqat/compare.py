@@ -2,7 +2,7 @@
 
 Each run is a separate ``dlqat train`` process (so peak memory is that run's own), written to
 ``OUT/METHOD-wBITSgGROUP``; finished runs are reused when the comparison is run again, killed ones
-resume. The table goes to ``OUT/comparison.{md,csv}`` and a bar chart of perplexity to
+resume (or, killed before their first checkpoint, start again). The table goes to ``OUT/comparison.{md,csv}`` and a bar chart of perplexity to
 ``OUT/comparison.png``. A method may name one of its presets: ``dl_qat:paper``, ``qa_lora:paper``.
 
 Learning curves: ``--steps 40,120,400`` trains each method once for the largest budget and evaluates
@@ -62,7 +62,12 @@ def run_one(method: str, bits: int, group: int, steps: list[int], out: Path, ext
     run_dir = out / f"{method.replace(':', '-')}-w{bits}g{group}"
     results_file = run_dir / "results.json"
     if not results_file.is_file():
-        resume = ["--resume"] if (run_dir / "checkpoint.pt").is_file() else []
+        # killed after a checkpoint: resume it; killed before one (or a post-training method, which has none):
+        # nothing trained is kept, so start it afresh in place of its run_config.json and partial logs
+        if (run_dir / "checkpoint.pt").is_file():
+            resume = ["--resume"]
+        else:
+            resume = ["--overwrite"] if (run_dir / "run_config.json").is_file() else []
         argv = [
             sys.executable, "-m", "dlqat", "train", *method_flags(method), "--n_bits", str(bits), "--group_size",
             str(group), "--output_dir", str(run_dir), *steps_flags(method, steps), *extra, *resume,
