@@ -203,6 +203,11 @@ def test_compare_writes_table_csv_and_plot(tiny_model_dir, text_file, tmp_path, 
     assert all(float(r["peak_memory_mb"]) > 0 for r in rows)
     assert "| dl_qat | 3 | 32 |" in (out / "comparison.md").read_text()
     assert (out / "comparison.png").stat().st_size > 1000
+    # RTN through the rtn method equals the dl_qat run's untrained (RTN) row
+    for bits in ("4", "3"):
+        rtn_run = next(r for r in rows if r["method"] == "rtn" and r["bits"] == bits)
+        dl = next(r for r in rows if r["method"] == "dl_qat" and r["bits"] == bits)
+        assert float(rtn_run["perplexity"]) == pytest.approx(float(dl["rtn"]), rel=1e-6)
     # a run killed before its first checkpoint (RTN writes none) leaves only its run_config.json: the next
     # compare starts it again instead of failing on the occupied folder
     killed = out / "rtn-w3g32"

@@ -2,8 +2,8 @@
 
 Each run is a separate ``dlqat train`` process (so peak memory is that run's own), written to
 ``OUT/METHOD-wBITSgGROUP``; finished runs are reused when the comparison is run again, killed ones
-resume (or, killed before their first checkpoint, start again). The table goes to ``OUT/comparison.{md,csv}`` and a bar chart of perplexity to
-``OUT/comparison.png``. A method may name one of its presets: ``dl_qat:paper``, ``qa_lora:paper``.
+resume (or, killed before their first checkpoint, start again). The table goes to
+``OUT/comparison.{md,csv}`` and a bar chart of perplexity to ``OUT/comparison.png``. A method may name one of its presets: ``dl_qat:paper``, ``qa_lora:paper``.
 
 Learning curves: ``--steps 40,120,400`` trains each method once for the largest budget and evaluates
 it at each listed step (``--eval_at``), on ``--eval_data`` and every ``--curve_eval_data`` text:
@@ -65,12 +65,14 @@ def run_one(method: str, bits: int, group: int, steps: list[int], out: Path, ext
         # killed after a checkpoint: resume it; killed before one (or a post-training method, which has none):
         # nothing trained is kept, so start it afresh in place of its run_config.json and partial logs
         if (run_dir / "checkpoint.pt").is_file():
-            resume = ["--resume"]
+            restart = ["--resume"]
+        elif (run_dir / "run_config.json").is_file():
+            restart = ["--overwrite"]
         else:
-            resume = ["--overwrite"] if (run_dir / "run_config.json").is_file() else []
+            restart = []
         argv = [
             sys.executable, "-m", "dlqat", "train", *method_flags(method), "--n_bits", str(bits), "--group_size",
-            str(group), "--output_dir", str(run_dir), *steps_flags(method, steps), *extra, *resume,
+            str(group), "--output_dir", str(run_dir), *steps_flags(method, steps), *extra, *restart,
         ]  # fmt: skip
         print(f"\n=== {method} W{bits} g{group}: {' '.join(argv[3:])}", flush=True)
         child = subprocess.Popen(argv)
