@@ -319,6 +319,14 @@ def test_compare_refuses_an_unknown_preset_before_any_run(tmp_path, capsys):
     assert not out.exists()
 
 
+@pytest.mark.parametrize("steps", ["0", "40,-1", "forty", ","])
+def test_compare_refuses_steps_that_are_not_positive_integers(tmp_path, capsys, steps):
+    out = tmp_path / "c"
+    assert main(["compare", "--methods", "rtn", "--steps", steps, "--output_dir", str(out)]) == 2
+    assert f"--steps={steps!r}: expected comma-separated positive integers" in capsys.readouterr().err
+    assert not out.exists()
+
+
 def test_compare_refuses_a_curve_with_a_decaying_lr(tmp_path, capsys):
     """Curve points of one cosine run are not the shorter runs: refused before anything trains."""
     out = tmp_path / "c"

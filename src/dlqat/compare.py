@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import io
 import json
 import os
 import subprocess
@@ -24,7 +25,7 @@ import sys
 from pathlib import Path
 
 from dlqat.eval.tables import bar_axes, figure, line_plot, markdown_table, plain_log_y
-from dlqat.fileio import atomic_write_json, atomic_write_text
+from dlqat.fileio import atomic_write, atomic_write_json, atomic_write_text
 from dlqat.methods import config_class, method_names
 
 COLUMNS = [
@@ -164,10 +165,11 @@ def text_perplexity(row: dict, text: str) -> float | None:
 def write_table(rows: list[dict], out: Path) -> str:
     """Markdown and CSV; one more perplexity column (with its ratio to float) per ``--curve_eval_data`` text."""
     texts = more_texts(rows)
-    with open(out / "comparison.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=[*COLUMNS, *(f"perplexity_{t}" for t in texts)], extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows({**r, **{f"perplexity_{t}": text_perplexity(r, t) for t in texts}} for r in rows)
+    buffer = io.StringIO(newline="")
+    writer = csv.DictWriter(buffer, fieldnames=[*COLUMNS, *(f"perplexity_{t}" for t in texts)], extrasaction="ignore")
+    writer.writeheader()
+    writer.writerows({**r, **{f"perplexity_{t}": text_perplexity(r, t) for t in texts}} for r in rows)
+    atomic_write(out / "comparison.csv", lambda tmp: tmp.write_bytes(buffer.getvalue().encode("utf-8")))
     fmt = lambda v, spec: "-" if v is None else format(v, spec)
 
     def on_text(row: dict, text: str) -> str:
@@ -236,6 +238,8 @@ def main(argv: list[str]) -> int:
         steps = sorted({int(s) for s in args.steps.split(",") if s})
     except ValueError as err:
         raise ValueError(f"--steps={args.steps!r}: expected comma-separated positive integers") from err
+    if not steps or steps[0] < 1:
+        raise ValueError(f"--steps={args.steps!r}: expected comma-separated positive integers")
     schedule = argparse.ArgumentParser(add_help=False)
     schedule.add_argument("--lr_schedule", "--lr-schedule", default="constant")
     lr_schedule = schedule.parse_known_args(extra)[0].lr_schedule
