@@ -327,6 +327,14 @@ def test_compare_refuses_steps_that_are_not_positive_integers(tmp_path, capsys, 
     assert not out.exists()
 
 
+@pytest.mark.parametrize("bits", ["x", "4,1", "9", ","])
+def test_compare_refuses_bits_out_of_range(tmp_path, capsys, bits):
+    out = tmp_path / "c"
+    assert main(["compare", "--methods", "rtn", "--bits", bits, "--output_dir", str(out)]) == 2
+    assert f"--bits={bits!r}: expected comma-separated integers from 2 to 8" in capsys.readouterr().err
+    assert not out.exists()
+
+
 def test_compare_refuses_a_curve_with_a_decaying_lr(tmp_path, capsys):
     """Curve points of one cosine run are not the shorter runs: refused before anything trains."""
     out = tmp_path / "c"

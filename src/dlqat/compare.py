@@ -27,6 +27,7 @@ from pathlib import Path
 from dlqat.eval.tables import bar_axes, figure, line_plot, markdown_table, plain_log_y
 from dlqat.fileio import atomic_write, atomic_write_json, atomic_write_text
 from dlqat.methods import config_class, method_names
+from dlqat.quant.primitives import MAX_BITS, MIN_BITS
 
 COLUMNS = [
     "method",
@@ -210,6 +211,18 @@ def plot(rows: list[dict], out: Path) -> Path | None:
     return figure(1, 1.2 + 1.1 * len(methods) * len(settings), out / "comparison.png", draw)
 
 
+def int_list(flag: str, value: str, low: int, high: int | None, expected: str) -> list[int]:
+    """``"40,120"`` -> ``[40, 120]``; refused (naming the flag) if empty, not integers or out of range."""
+    error = ValueError(f"{flag}={value!r}: expected comma-separated {expected}")
+    try:
+        numbers = [int(v) for v in value.split(",") if v]
+    except ValueError as err:
+        raise error from err
+    if not numbers or any(n < low or (high is not None and n > high) for n in numbers):
+        raise error
+    return numbers
+
+
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(
         prog="dlqat compare", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -234,12 +247,8 @@ def main(argv: list[str]) -> int:
                 f"methods: {name}:{preset}: {name} has no preset {preset!r} (its presets: "
                 f"{sorted(config_class(name).presets) or 'none'})"
             )
-    try:
-        steps = sorted({int(s) for s in args.steps.split(",") if s})
-    except ValueError as err:
-        raise ValueError(f"--steps={args.steps!r}: expected comma-separated positive integers") from err
-    if not steps or steps[0] < 1:
-        raise ValueError(f"--steps={args.steps!r}: expected comma-separated positive integers")
+    steps = sorted(set(int_list("--steps", args.steps, 1, None, "positive integers")))
+    bits = int_list("--bits", args.bits, MIN_BITS, MAX_BITS, f"integers from {MIN_BITS} to {MAX_BITS}")
     schedule = argparse.ArgumentParser(add_help=False)
     schedule.add_argument("--lr_schedule", "--lr-schedule", default="constant")
     lr_schedule = schedule.parse_known_args(extra)[0].lr_schedule
@@ -250,7 +259,7 @@ def main(argv: list[str]) -> int:
         )
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    rows = [run_one(m, int(b), args.group_size, steps, out, extra) for b in args.bits.split(",") for m in methods]
+    rows = [run_one(m, b, args.group_size, steps, out, extra) for b in bits for m in methods]
     print("\n" + write_table(rows, out))
     png = plot(rows, out)
     print(f"table: {out / 'comparison.md'}, {out / 'comparison.csv'}" + (f"; plot: {png}" if png else ""))
