@@ -315,7 +315,7 @@ def test_compare_draws_learning_curves_on_every_text(tiny_model_dir, text_file, 
 def test_compare_refuses_an_unknown_preset_before_any_run(tmp_path, capsys):
     out = tmp_path / "c"
     assert main(["compare", "--methods", "rtn,l4q:paper", "--output_dir", str(out)]) == 2
-    assert "l4q:paper: l4q has no preset 'paper'" in capsys.readouterr().err
+    assert "--methods l4q:paper: preset='paper' with --method l4q: expected one of []" in capsys.readouterr().err
     assert not out.exists()
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from transformers import HfArgumentParser
 
-from dlqat.methods import QuantMethodConfig, config_class, method_configs, method_names
+from dlqat.methods import QuantMethodConfig, config_class, method_names
 from dlqat.train_config import TrainConfig
 
 
@@ -33,13 +33,7 @@ def parse_train_args(argv: list[str]) -> tuple[QuantMethodConfig, TrainConfig]:
         "--preset", default=None, help=f"named settings of --method {config_cls.name}: {sorted(presets) or 'none'}"
     )
     if known.preset is not None:
-        if known.preset not in presets:
-            offered = {name: sorted(cls.presets) for name, cls in method_configs().items() if cls.presets}
-            raise ValueError(
-                f"preset={known.preset!r} with --method {config_cls.name}: expected one of {sorted(presets)} "
-                f"(presets by method: {offered})"
-            )
-        preset = presets[known.preset]
+        preset = config_cls.preset_settings(known.preset)
         given = {
             arg.split("=", 1)[0].removeprefix("--").replace("-", "_").removeprefix("no_")
             for arg in rest

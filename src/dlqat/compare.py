@@ -242,11 +242,12 @@ def main(argv: list[str]) -> int:
     if unknown:
         raise ValueError(f"methods={unknown}: expected names from {method_names()}")
     for name, _, preset in (m.partition(":") for m in methods):
-        if preset and preset not in config_class(name).presets:  # refused now, not after the runs before it
-            raise ValueError(
-                f"methods: {name}:{preset}: {name} has no preset {preset!r} (its presets: "
-                f"{sorted(config_class(name).presets) or 'none'})"
-            )
+        if not preset:
+            continue
+        try:  # refused now, not after the runs before it
+            config_class(name).preset_settings(preset)
+        except ValueError as err:
+            raise ValueError(f"--methods {name}:{preset}: {err}") from None
     steps = sorted(set(int_list("--steps", args.steps, 1, None, "positive integers")))
     bits = int_list("--bits", args.bits, MIN_BITS, MAX_BITS, f"integers from {MIN_BITS} to {MAX_BITS}")
     schedule = argparse.ArgumentParser(add_help=False)

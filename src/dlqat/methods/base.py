@@ -66,6 +66,20 @@ class QuantMethodConfig:
     def to_dict(self) -> dict:
         return {"method": self.name, **asdict(self)}
 
+    @classmethod
+    def preset_settings(cls, preset: str) -> dict[str, Any]:
+        """The settings ``preset`` names; one this method lacks is refused, listing what each method offers
+        (presets are keyed by method: ``dlqat train --preset`` and ``dlqat compare METHOD:PRESET`` share this)."""
+        if preset not in cls.presets:
+            from dlqat.methods.registry import method_configs  # the registry imports this module
+
+            offered = {name: sorted(c.presets) for name, c in method_configs().items() if c.presets}
+            raise ValueError(
+                f"preset={preset!r} with --method {cls.name}: expected one of {sorted(cls.presets)} "
+                f"(presets by method: {offered})"
+            )
+        return cls.presets[preset]
+
 
 QPARAM_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
