@@ -319,19 +319,20 @@ def test_compare_refuses_an_unknown_preset_before_any_run(tmp_path, capsys):
     assert not out.exists()
 
 
-@pytest.mark.parametrize("steps", ["0", "40,-1", "forty", ","])
-def test_compare_refuses_steps_that_are_not_positive_integers(tmp_path, capsys, steps):
-    out = tmp_path / "c"
-    assert main(["compare", "--methods", "rtn", "--steps", steps, "--output_dir", str(out)]) == 2
-    assert f"--steps={steps!r}: expected comma-separated positive integers" in capsys.readouterr().err
-    assert not out.exists()
+STEPS_REFUSAL = "expected comma-separated positive integers"
+BITS_REFUSAL = "expected comma-separated integers from 2 to 8"
 
 
-@pytest.mark.parametrize("bits", ["x", "4,1", "9", ","])
-def test_compare_refuses_bits_out_of_range(tmp_path, capsys, bits):
+@pytest.mark.parametrize(
+    "flag, value, expected",
+    [("--steps", v, STEPS_REFUSAL) for v in ("0", "40,-1", "forty", ",")]
+    + [("--bits", v, BITS_REFUSAL) for v in ("x", "4,1", "9", ",")],
+)
+def test_compare_refuses_steps_or_bits_it_cannot_run(tmp_path, capsys, flag, value, expected):
+    """Refused before anything trains or writes, naming the flag and the value (0 steps used to run, ',' crash)."""
     out = tmp_path / "c"
-    assert main(["compare", "--methods", "rtn", "--bits", bits, "--output_dir", str(out)]) == 2
-    assert f"--bits={bits!r}: expected comma-separated integers from 2 to 8" in capsys.readouterr().err
+    assert main(["compare", "--methods", "rtn", flag, value, "--output_dir", str(out)]) == 2
+    assert f"{flag}={value!r}: {expected}" in capsys.readouterr().err
     assert not out.exists()
 
 
