@@ -27,7 +27,7 @@ from pathlib import Path
 from dlqat.eval.tables import bar_axes, figure, line_plot, markdown_table, plain_log_y
 from dlqat.fileio import atomic_write, atomic_write_json, atomic_write_text
 from dlqat.methods import config_class, method_names
-from dlqat.quant.primitives import MAX_BITS, MIN_BITS
+from dlqat.quant.primitives import MAX_BITS, MIN_BITS, check_group_size
 
 COLUMNS = [
     "method",
@@ -250,6 +250,7 @@ def main(argv: list[str]) -> int:
             raise ValueError(f"--methods {name}:{preset}: {err}") from None
     steps = sorted(set(int_list("--steps", args.steps, 1, None, "positive integers")))
     bits = int_list("--bits", args.bits, MIN_BITS, MAX_BITS, f"integers from {MIN_BITS} to {MAX_BITS}")
+    check_group_size(args.group_size, "--group_size")  # else the first run refuses it, after --output_dir exists
     schedule = argparse.ArgumentParser(add_help=False)
     schedule.add_argument("--lr_schedule", "--lr-schedule", default="constant")
     lr_schedule = schedule.parse_known_args(extra)[0].lr_schedule

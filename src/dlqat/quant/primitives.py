@@ -66,13 +66,15 @@ def code_range(n_bits: int) -> tuple[int, int]:
     return -(2 ** (n_bits - 1)), 2 ** (n_bits - 1) - 1
 
 
+def check_group_size(group_size: int, name: str = "group_size") -> None:
+    if group_size != -1 and (not isinstance(group_size, int) or group_size < 1):
+        raise ValueError(f"{name}={group_size!r}: expected a positive integer or -1 (per channel)")
+
+
 def resolve_group_size(group_size: int, in_features: int) -> int:
     """Columns per group; ``-1`` means the whole row (per output channel)."""
-    if group_size == -1:
-        return in_features
-    if not isinstance(group_size, int) or group_size < 1:
-        raise ValueError(f"group_size={group_size!r}: expected a positive integer or -1 (per channel)")
-    return min(group_size, in_features)
+    check_group_size(group_size)
+    return in_features if group_size == -1 else min(group_size, in_features)
 
 
 def n_groups(in_features: int, group_size: int) -> int:
