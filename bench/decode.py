@@ -25,7 +25,7 @@ from dlqat.data import leading_bos, read_text, tokenize_text
 from dlqat.eval.perplexity import perplexity
 from dlqat.export import convert, load_quantized, save_quantized
 from dlqat.export.formats import export, quantized_dir
-from dlqat.layers.quantized_linear import set_backend
+from dlqat.layers.quantized_linear import hold_unpacked, set_backend
 from dlqat.models import load_model, source_gguf
 from dlqat.resources import default_eval_text
 
@@ -153,12 +153,17 @@ def main() -> None:
     del float_model, bf16
 
     q_model, _ = load_quantized(packed_dir, dtype=torch.float32)
+    packed_size = (packed_dir / "model.safetensors").stat().st_size
     set_backend(q_model, "auto")
     dec, pre, ids_dlqat = hf_speeds(q_model, prompt, prefill, args.tokens)
-    add("dlqat packed (int4 kernels)", dec, pre, (packed_dir / "model.safetensors").stat().st_size, ids_dlqat)
+    add("dlqat packed (int4 kernels)", dec, pre, packed_size, ids_dlqat)
     set_backend(q_model, "dequant")
     dec, pre, ids = hf_speeds(q_model, prompt, prefill, args.tokens)
-    add("dlqat packed (float unpack)", dec, pre, (packed_dir / "model.safetensors").stat().st_size, ids)
+    add("dlqat packed (float unpack)", dec, pre, packed_size, ids)
+    hold_unpacked(q_model)  # what `dlqat eval` runs: unpacked once, held
+    dec, pre, ids = hf_speeds(q_model, prompt, prefill, args.tokens)
+    add("dlqat packed (float, unpacked once: dlqat eval)", dec, pre, packed_size, ids)
+    hold_unpacked(q_model, False)
     ppl_ours = perplexity(q_model, text_ids, 512, args.ppl_windows, progress=False, bos_token_id=bos).perplexity
     notes = []
 

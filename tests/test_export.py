@@ -47,6 +47,28 @@ def test_convert_save_load_logits_exact(tmp_path, tokenizer, arch, n_bits, group
         torch.testing.assert_close(hf(input_ids=ids).logits, fake_quant, atol=0, rtol=0)
 
 
+def test_eval_unpacks_each_layer_once_and_changes_no_logit(tmp_path, tokenizer):
+    """``dlqat eval`` holds the unpacked weights (lm-eval runs thousands of forwards): same logits, bit for bit."""
+    from dlqat.eval.report import load_for_eval
+    from dlqat.layers.quantized_linear import hold_unpacked
+
+    model = tiny_model("llama")
+    prepare(model, DLQATConfig(n_bits=3, group_size=32, rank=4))
+    perturb(model)
+    save_quantized(model, tokenizer, tmp_path / "q", convert(model))
+    plain, _ = load_quantized(tmp_path / "q")
+    held, _, _ = load_for_eval(str(tmp_path / "q"), None, 128)
+    ids = torch.randint(0, 300, (2, 24))
+    with torch.no_grad():
+        expected = plain(input_ids=ids).logits
+        torch.testing.assert_close(held(input_ids=ids).logits, expected, atol=0, rtol=0)
+        torch.testing.assert_close(held(input_ids=ids).logits, expected, atol=0, rtol=0)
+    layers = [m for m in held.modules() if isinstance(m, QuantizedLinear)]
+    assert len(layers) == 14 and all(m._dequantized is not None for m in layers)
+    assert all(m._dequantized is None for m in plain.modules() if isinstance(m, QuantizedLinear))
+    assert hold_unpacked(held, False) == 14 and all(m._dequantized is None for m in layers)
+
+
 def test_tied_embeddings_stay_tied(tmp_path):
     model = LlamaForCausalLM(LlamaConfig(**TINY, tie_word_embeddings=True)).eval()
     prepare(model, DLQATConfig(group_size=32, rank=2))

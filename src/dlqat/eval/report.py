@@ -14,10 +14,12 @@ TASK_COLUMNS = ["arc_challenge", "arc_easy", "boolq", "hellaswag", "openbookqa",
 
 
 def load_for_eval(path: str | None, rtn_bits: int | None, group_size: int):
-    """(model, tokenizer, label) for a run / quantized folder / float model (optionally RTN)."""
+    """(model, tokenizer, label) for a run / quantized folder / float model (optionally RTN); low-bit layers
+    unpack their weights once and hold them (see ``hold_unpacked``)."""
     from dlqat.api import finalize, prepare
     from dlqat.export import load_quantized
     from dlqat.export.formats import quantized_dir
+    from dlqat.layers.quantized_linear import hold_unpacked
     from dlqat.methods import RTNConfig
     from dlqat.models import load_model
 
@@ -26,6 +28,7 @@ def load_for_eval(path: str | None, rtn_bits: int | None, group_size: int):
         if rtn_bits is not None:
             raise ValueError(f"--rtn-bits={rtn_bits}: {qdir} is already quantized; pass a float model")
         model, tokenizer = load_quantized(qdir)
+        hold_unpacked(model)
         run_config = qdir.parent / "run_config.json"
         label = json.loads(run_config.read_text())["method"] if run_config.is_file() else str(qdir)
         return model, tokenizer, f"{label} ({Path(path).name})"
@@ -34,6 +37,7 @@ def load_for_eval(path: str | None, rtn_bits: int | None, group_size: int):
     if rtn_bits is not None:
         rtn = RTNConfig(n_bits=rtn_bits, group_size=group_size)
         finalize(model, rtn, prepare(model, rtn))
+        hold_unpacked(model)
         label = f"RTN W{rtn_bits} g{group_size}"
     return model, tokenizer, label
 

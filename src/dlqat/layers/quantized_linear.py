@@ -156,6 +156,19 @@ def set_backend(model: nn.Module, backend: str) -> int:
     return len(layers)
 
 
+def hold_unpacked(model: nn.Module, hold: bool = True) -> int:
+    """Keep (or drop) the unpacked float weight of every ``QuantizedLinear`` on the ``dequant`` path.
+
+    For evaluation: lm-eval and perplexity run thousands of forwards over the same weights, and unpacking
+    every layer in each of them cost ~10 % of a W4 SmolLM2-135M forward of 8 x 100 tokens (more for shorter
+    inputs: 0.66x float at one 256-token prefill, ``bench/decode.py``). Holding costs the float model's
+    weight memory and changes no number (the same weight, unpacked once)."""
+    layers = [m for m in model.modules() if isinstance(m, QuantizedLinear)]
+    for layer in layers:
+        layer.hold_unpacked(hold)
+    return len(layers)
+
+
 class QuantizedEmbedding(nn.Module):
     """Token embedding read from the packed table of the tied output head (``W = scale * q + offset``).
 
