@@ -71,6 +71,69 @@ def test_lm_eval_runs_local_tasks_on_a_quantized_model(tiny_model_dir):
     assert 0 <= report["mmlu"]["average"] <= 1
 
 
+def test_model_fingerprint_changes_with_any_weight_or_layer_setting_and_only_then(tiny_model_dir):
+    from transformers import AutoModelForCausalLM
+
+    from dlqat import DLQATConfig, prepare
+    from dlqat.eval.zero_shot import model_fingerprint
+    from dlqat.export import convert
+    from dlqat.layers import set_act_quant
+
+    def quantized():
+        model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+        prepare(model, DLQATConfig(group_size=32, rank=2))
+        convert(model)
+        return model
+
+    model = quantized()
+    key = model_fingerprint(model, 8)
+    assert model_fingerprint(quantized(), 8) == key  # the same model loaded again: the same key
+    assert model_fingerprint(model, 4) != key  # batch size
+    set_act_quant(model, act_bits=8)
+    assert model_fingerprint(model, 8) != key
+    set_act_quant(model, None)
+    assert model_fingerprint(model, 8) == key
+    with torch.no_grad():
+        model.model.layers[0].mlp.down_proj.scale[0, 0] *= 1.0001
+    assert model_fingerprint(model, 8) != key
+
+
+@needs_lm_eval
+def test_a_killed_task_run_started_again_answers_only_the_rest(tiny_model_dir, tmp_path):
+    """``--cache_dir``: answers of a run that died are kept; the rerun computes the others and reports the
+    same per-question scores as an uninterrupted run."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from dlqat.eval.zero_shot import evaluate_tasks
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    forward, calls = model.forward, []
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        if dies_after is not None and len(calls) > dies_after:
+            raise RuntimeError("killed")
+        return forward(*args, **kwargs)
+
+    model.forward = counted
+    run = {"limit": 4, "batch_size": 1, "cache_dir": tmp_path / "cache"}
+    dies_after = None
+    with torch.no_grad():
+        reference = evaluate_tasks(model, tok, ["arc_easy"], limit=4, batch_size=1)
+        all_calls = len(calls)
+        calls.clear()
+        dies_after = 3
+        with pytest.raises(RuntimeError, match="killed"):
+            evaluate_tasks(model, tok, ["arc_easy"], **run)
+        calls.clear()
+        dies_after = None
+        resumed = evaluate_tasks(model, tok, ["arc_easy"], **run)
+    assert all_calls > 6 and len(calls) == all_calls - 3
+    assert resumed["samples"] == reference["samples"] and resumed["tasks"] == reference["tasks"]
+    assert len(list((tmp_path / "cache").glob("lm-eval-*.db"))) == 1
+
+
 @needs_lm_eval
 def test_eval_and_report_cli(tiny_model_dir, text_file, tmp_path, capsys):
     for name, extra in (
@@ -80,7 +143,8 @@ def test_eval_and_report_cli(tiny_model_dir, text_file, tmp_path, capsys):
         tasks = ("--tasks", "piqa", "--limit", "2", *extra)
         assert main(tiny_eval_args(tiny_model_dir, text_file, tmp_path / f"{name}.json", 2, *tasks)) == 0
     assert main(["eval", str(tiny_model_dir), "--no-ppl", "--tasks", "winogrande", "--limit", "2", "--append",
-                 "--output", str(tmp_path / "float.json")]) == 0  # fmt: skip
+                 "--output", str(tmp_path / "float.json"), "--cache_dir", str(tmp_path / "cache")]) == 0  # fmt: skip
+    assert len(list((tmp_path / "cache").glob("lm-eval-*.db"))) == 1
     merged = json.loads((tmp_path / "float.json").read_text())
     assert set(merged["tasks"]) == {"piqa", "winogrande"} and "perplexity" in merged
     w = json.loads((tmp_path / "w4a8kv8.json").read_text())

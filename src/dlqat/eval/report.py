@@ -72,9 +72,8 @@ def evaluate_model(args: EvalConfig) -> dict:
             )
         result["perplexity"] = {"kind": "token-level", **ppl.to_dict(), "description": ppl.describe()}
     if tasks:
-        result.update(
-            evaluate_tasks(model, tokenizer, tasks, args.limit, args.num_fewshot, args.batch_size, args.task_source)
-        )
+        settings = (args.limit, args.num_fewshot, args.batch_size, args.task_source, args.cache_dir)
+        result.update(evaluate_tasks(model, tokenizer, tasks, *settings))
     return result
 
 

