@@ -97,7 +97,9 @@ def run_phases(
             )
             while step < phase_end:
                 t0 = time.perf_counter()
-                lr = set_lr(optimizer, phase, lr_factor(cfg.lr_schedule, step - phase_start, phase.steps))
+                lr = set_lr(
+                    optimizer, phase, lr_factor(cfg.lr_schedule, step - phase_start, phase.steps, cfg.warmup_steps)
+                )
                 loss, n_tokens = optimizer_step(accelerator, model, optimizer, data, objective, cfg)
                 if not math.isfinite(loss):
                     raise FloatingPointError(

@@ -44,7 +44,7 @@ _NOT_SETTINGS = ("resume", "overwrite")
 RESUME_MAY_GROW = ("phase2_steps", "steps")
 # Settings added after some runs were checkpointed, with the value those runs used: a checkpoint that
 # lacks one resumes if the new run asks for that value.
-ADDED_SETTINGS = {"lr_schedule": "constant"}
+ADDED_SETTINGS = {"lr_schedule": "constant", "warmup_steps": 0}
 
 
 class CheckpointError(ValueError):

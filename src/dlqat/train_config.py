@@ -70,6 +70,13 @@ class TrainConfig:
             "last step (measured: cosine better at 200 steps, worse at 40)"
         },
     )
+    warmup_steps: int = field(
+        default=0,
+        metadata={
+            "help": "linear warmup over the first N optimizer steps of each phase, from lr/(N+1) up to the lr, "
+            "then --lr_schedule over the rest"
+        },
+    )
     seed: int = field(default=42, metadata={"help": "seed for init and data order"})
     train_on_prompt: bool = field(default=False, metadata={"help": "instruction data: also train on prompt tokens"})
     save_every: int = field(default=50, metadata={"help": "checkpoint every N optimizer steps"})
@@ -132,6 +139,8 @@ class TrainConfig:
             value = getattr(self, name)
             if value is not None and not 2 <= value <= 8:
                 raise ValueError(f"{name}={value!r}: expected 2..8 bits or unset (per-token codes are int8 at most)")
+        if self.warmup_steps < 0:
+            raise ValueError(f"warmup_steps={self.warmup_steps!r}: expected 0 or a positive integer")
         if self.lr_schedule not in LR_SCHEDULES:
             raise ValueError(f"lr_schedule={self.lr_schedule!r}: expected one of {', '.join(LR_SCHEDULES)}")
         if self.loss not in (*LOSSES, "auto"):
