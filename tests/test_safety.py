@@ -302,3 +302,25 @@ def test_atomic_write_cleans_up_on_any_error(tmp_path):
     assert os.listdir(tmp_path) == ["f.json"] and target.read_text() == "old"
     atomic_write_text(target, "new")
     assert os.listdir(tmp_path) == ["f.json"] and target.read_text() == "new"
+
+
+def test_atomic_writes_get_the_permissions_a_plain_write_would(tmp_path):
+    """Temporary files are 0600 and folders 0700: renamed into place as they are, every result, checkpoint and
+    export would be unreadable to a serving user or a shared group."""
+    from dlqat.fileio import atomic_folder, atomic_write_text
+
+    old_umask = os.umask(0o022)
+    try:
+        assert (atomic_write_text(tmp_path / "new.json", "{}").stat().st_mode & 0o777) == 0o644
+        kept = tmp_path / "kept.json"
+        kept.write_text("old")
+        kept.chmod(0o640)
+        assert (atomic_write_text(kept, "new").stat().st_mode & 0o777) == 0o640  # a replaced file keeps its mode
+        with atomic_folder(tmp_path / "export", lambda _: True, False, "test export") as folder:
+            atomic_write_text(folder / "config.json", "{}")
+        assert ((tmp_path / "export").stat().st_mode & 0o777) == 0o755
+        assert ((tmp_path / "export" / "config.json").stat().st_mode & 0o777) == 0o644
+        os.umask(0o077)
+        assert (atomic_write_text(tmp_path / "private.json", "{}").stat().st_mode & 0o777) == 0o600
+    finally:
+        os.umask(old_umask)

@@ -12,6 +12,7 @@ import errno
 import json
 import os
 import shutil
+import stat
 import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -35,8 +36,18 @@ def _describe(err: OSError, path: Path) -> OSError:
     return err
 
 
+def _plain_mode(folder: bool) -> int:
+    """The permissions ``open``/``mkdir`` would give under the process's umask. ``mkstemp``/``mkdtemp`` make
+    their files 0600 and folders 0700, and a rename keeps that: results, checkpoints and exports would be
+    readable by their owner only (not by a serving user or a shared group)."""
+    umask = os.umask(0)  # read it: there is no getter (dlqat writes from one thread)
+    os.umask(umask)
+    return (0o777 if folder else 0o666) & ~umask
+
+
 def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
-    """Call ``write(tmp)`` to fill a temporary sibling of ``path``, fsync it, rename it over ``path``."""
+    """Call ``write(tmp)`` to fill a temporary sibling of ``path``, fsync it, rename it over ``path``.
+    The file gets the replaced file's permissions, or a new file's under the umask."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -44,6 +55,7 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
     tmp = Path(name)
     with _removed_on_failure(tmp, path):
         write(tmp)
+        os.chmod(tmp, stat.S_IMODE(path.stat().st_mode) if path.is_file() else _plain_mode(folder=False))
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -85,6 +97,7 @@ def atomic_folder(target: str | Path, is_ours: Callable[[Path], bool], overwrite
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp"))
     with _removed_on_failure(tmp, target):
+        os.chmod(tmp, _plain_mode(folder=True))
         yield tmp
         if not target.exists():
             os.replace(tmp, target)
