@@ -72,8 +72,18 @@ def evaluate_model(args: EvalConfig) -> dict:
             )
         result["perplexity"] = {"kind": "token-level", **ppl.to_dict(), "description": ppl.describe()}
     if tasks:
-        settings = (args.limit, args.num_fewshot, args.batch_size, args.task_source, args.cache_dir)
-        result.update(evaluate_tasks(model, tokenizer, tasks, *settings))
+        result.update(
+            evaluate_tasks(
+                model,
+                tokenizer,
+                tasks,
+                limit=args.limit,
+                num_fewshot=args.num_fewshot,
+                batch_size=args.batch_size,
+                task_source=args.task_source,
+                cache_dir=args.cache_dir,
+            )
+        )
     return result
 
 
