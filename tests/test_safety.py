@@ -8,6 +8,7 @@ import hashlib
 import json
 import os
 import shutil
+import sys
 from pathlib import Path
 
 import pytest
@@ -323,4 +324,18 @@ def test_atomic_writes_get_the_permissions_a_plain_write_would(tmp_path):
         os.umask(0o077)
         assert (atomic_write_text(tmp_path / "private.json", "{}").stat().st_mode & 0o777) == 0o600
     finally:
+        os.umask(old_umask)
+
+
+def test_the_umask_is_read_without_being_changed_where_the_kernel_shows_it(monkeypatch):
+    """Setting the umask to read it back gives a thread that creates a file meanwhile the wrong mode."""
+    from dlqat import fileio
+
+    old_umask = os.umask(0o027)
+    try:
+        if sys.platform.startswith("linux"):
+            monkeypatch.setattr(os, "umask", lambda mask: pytest.fail("umask changed to read it"))
+        assert fileio.process_umask() == 0o027
+    finally:
+        monkeypatch.undo()
         os.umask(old_umask)

@@ -40,9 +40,22 @@ def _plain_mode(folder: bool) -> int:
     """The permissions ``open``/``mkdir`` would give under the process's umask. ``mkstemp``/``mkdtemp`` make
     their files 0600 and folders 0700, and a rename keeps that: results, checkpoints and exports would be
     readable by their owner only (not by a serving user or a shared group)."""
-    umask = os.umask(0)  # read it: there is no getter (dlqat writes from one thread)
+    return (0o777 if folder else 0o666) & ~process_umask()
+
+
+def process_umask() -> int:
+    """The umask, read without changing it where the kernel shows it (Linux >= 4.7): setting it to read
+    it back, the only portable way, briefly gives every other thread's new files the wrong mode."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    umask = os.umask(0)
     os.umask(umask)
-    return (0o777 if folder else 0o666) & ~umask
+    return umask
 
 
 def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
