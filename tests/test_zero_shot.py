@@ -98,6 +98,31 @@ def test_model_fingerprint_changes_with_any_weight_or_layer_setting_and_only_the
     assert model_fingerprint(model, 8) != key
 
 
+def test_tokenizer_fingerprint_ignores_where_it_was_loaded_from_but_not_how_it_splits(tokenizer, tmp_path):
+    """A run folder that moved keeps its cached lm-eval answers; a tokenizer that splits text differently
+    (other merges, same vocabulary) or pads on the other side does not get them."""
+    import json
+
+    from transformers import AutoTokenizer
+
+    from dlqat.eval.zero_shot import tokenizer_fingerprint
+
+    for folder in ("a", "b"):
+        tokenizer.save_pretrained(tmp_path / folder)
+    here, moved = (AutoTokenizer.from_pretrained(tmp_path / folder) for folder in ("a", "b"))
+    assert repr(here) != repr(moved)  # the path is in the repr: the old key missed the cache
+    key = tokenizer_fingerprint(here)
+    assert tokenizer_fingerprint(moved) == key
+    definition = json.loads((tmp_path / "b" / "tokenizer.json").read_text())
+    definition["model"]["merges"] = definition["model"]["merges"][:-1]  # one merge fewer, same vocabulary
+    (tmp_path / "b" / "tokenizer.json").write_text(json.dumps(definition))
+    fewer_merges = AutoTokenizer.from_pretrained(tmp_path / "b")
+    assert fewer_merges.get_vocab() == here.get_vocab()
+    assert tokenizer_fingerprint(fewer_merges) != key
+    here.padding_side = "left" if here.padding_side == "right" else "right"
+    assert tokenizer_fingerprint(here) != key
+
+
 @needs_lm_eval
 def test_a_killed_task_run_started_again_answers_only_the_rest(tiny_model_dir, tmp_path):
     """``--cache_dir``: answers of a run that died are kept; the rerun computes the others and reports the

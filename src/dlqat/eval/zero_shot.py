@@ -171,6 +171,29 @@ def model_fingerprint(model: nn.Module, *settings: object) -> str:
     return digest.hexdigest()[:20]
 
 
+def tokenizer_fingerprint(tokenizer) -> str:
+    """A digest of what decides how ``tokenizer`` turns a question into ids, and nothing of where it was
+    loaded from, so a run folder that moved keeps its cached answers (``repr(tokenizer)`` holds the path).
+
+    A fast tokenizer's own definition (normalizer, pre-tokenizer, vocabulary with its merges, post-processor,
+    added tokens) decides the split; a vocabulary alone would not (the same vocabulary with other merges
+    splits text differently). A slow tokenizer has no such definition: its class and vocabulary stand in."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    rules = backend.to_str() if backend is not None else repr(sorted(tokenizer.get_vocab().items()))
+    settings = {
+        name: getattr(tokenizer, name, None)
+        for name in ("padding_side", "truncation_side", "model_max_length", "add_bos_token", "add_eos_token")
+    }
+    described = (
+        type(tokenizer).__name__,
+        rules,
+        settings,
+        tokenizer.special_tokens_map,
+        tokenizer.added_tokens_decoder,
+    )
+    return hashlib.sha256(repr(described).encode()).hexdigest()[:20]
+
+
 def evaluate_tasks(
     model: nn.Module,
     tokenizer,
@@ -205,7 +228,7 @@ def evaluate_tasks(
         lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
         cache = None
         if cache_dir is not None:  # the tokenizer and batch size decide the answers too
-            key = model_fingerprint(model, batch_size, repr(tokenizer), sorted(tokenizer.get_vocab().items()))
+            key = model_fingerprint(model, batch_size, tokenizer_fingerprint(tokenizer))
             cache = str(Path(cache_dir) / f"lm-eval-{key}")
         out = lm_eval.simple_evaluate(
             model=lm, tasks=names, limit=limit, num_fewshot=num_fewshot, task_manager=manager, log_samples=True,
