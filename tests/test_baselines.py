@@ -290,7 +290,7 @@ def test_compare_draws_learning_curves_on_every_text(tiny_model_dir, text_file, 
     other = tmp_path / "other.txt"
     other.write_text(text_file.read_text()[::-1])
     out = tmp_path / "curves"
-    argv = ["compare", "--methods", "rtn,l4q,dl_qat:paper", "--bits", "3", "--group_size", "32", "--steps", "2,4",
+    argv = ["compare", "--methods", "rtn,l4q,dl_qat:paper,lora_rtn", "--bits", "3", "--group_size", "32", "--steps", "2,4",
             "--output_dir", str(out), "--model", str(tiny_model_dir), "--data", str(text_file), "--eval_data",
             str(text_file), "--curve_eval_data", str(other), "--seq_len", "32", "--grad_accum", "1", "--eval_seq_len",
             "32", "--eval_max_windows", "2", "--no_progress"]  # fmt: skip
@@ -310,6 +310,27 @@ def test_compare_draws_learning_curves_on_every_text(tiny_model_dir, text_file, 
     rtn_row = next(line for line in text.splitlines() if line.startswith("| rtn |"))
     assert rtn_row.split("|")[4] == rtn_row.split("|")[5]  # flat: no training
     assert (out / "curves.png").stat().st_size > 0
+    # LoRA then RTN trains a float + LoRA model: one run per budget, each point its run's quantized result
+    from dlqat.compare import run_one  # the finished runs are reused: nothing trains again
+
+    points = {(r["step"], r["text"]): r["perplexity"] for r in run_one("lora_rtn", 3, 32, [2, 4], out, [])["curve"]}
+    for steps, folder in ((2, "lora_rtn-w3g32-2steps"), (4, "lora_rtn-w3g32")):
+        finished = json.loads((out / folder / "results.json").read_text())
+        assert json.loads((out / folder / "run_config.json").read_text())["method_config"]["steps"] == steps
+        assert not (out / folder / "curve.jsonl").exists()
+        for text, values in finished["perplexity_by_text"].items():
+            assert points[(steps, text)] == values["lora_rtn"]
+
+
+def test_train_refuses_mid_run_points_of_a_model_quantized_after_training(tiny_model_dir, text_file, tmp_path, capsys):
+    """LoRA then RTN/GPTQ: the model being trained is float + LoRA, so ``--eval_at`` would not measure the
+    low-bit model; refused before the output folder is made."""
+    out = tmp_path / "lora"
+    assert main(["train", "--method", "lora_rtn", *tiny_args(tiny_model_dir, text_file, out), "--steps", "4",
+                 "--eval_at", "2,4"]) == 2  # fmt: skip
+    assert "eval_at='2,4' with method 'lora_rtn': the model it trains is quantized only after training" in (
+        capsys.readouterr().err)  # fmt: skip
+    assert not out.exists()
 
 
 def test_compare_refuses_an_unknown_preset_before_any_run(tmp_path, capsys):

@@ -10,7 +10,9 @@ it at each listed step (``--eval_at``), on ``--eval_data`` and every ``--curve_e
 ``OUT/curves.{md,png}``, perplexity against optimizer steps, one line per method. With a constant
 learning rate and a fixed data order, the model at step 40 of that run is the model a 40-step run
 ends with (DL-QAT's phase 1 is fixed at a fifth of the *first* point, so every point has the same
-phase 1).
+phase 1). A method whose trained model is quantized only after training (LoRA then RTN/GPTQ) gets one
+run per budget instead (``OUT/METHOD-wBITSgGROUP-Nsteps`` for the shorter ones): its mid-run model is
+float + LoRA, not the low-bit model.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from pathlib import Path
 
 from dlqat.eval.tables import bar_axes, figure, line_plot, markdown_table, plain_log_y
 from dlqat.fileio import atomic_write, atomic_write_json, atomic_write_text
-from dlqat.methods import config_class, method_names
+from dlqat.methods import config_class, handler, method_names
 from dlqat.quant.primitives import MAX_BITS, MIN_BITS, check_group_size
 
 COLUMNS = [
@@ -60,8 +62,30 @@ def method_flags(method: str) -> list[str]:
     return ["--method", name, *(["--preset", preset] if preset else [])]
 
 
+def curve_in_one_run(method: str) -> bool:
+    """Whether one run's ``--eval_at`` points are shorter runs' results (else: one run per budget)."""
+    cfg = config_class(method.split(":")[0])()
+    return handler(cfg).trains_final_forward(cfg)
+
+
 def run_one(method: str, bits: int, group: int, steps: list[int], out: Path, extra: list[str]) -> dict:
+    """The method's row: its largest budget's results, and its curve (one run, or one run per budget)."""
     run_dir = out / f"{method.replace(':', '-')}-w{bits}g{group}"
+    if len(steps) == 1 or curve_in_one_run(method):
+        return row_of(method, bits, group, train_once(method, bits, group, steps, run_dir, extra))
+    budgets = {s: run_dir if s == steps[-1] else run_dir.with_name(f"{run_dir.name}-{s}steps") for s in steps}
+    results = {s: train_once(method, bits, group, [s], folder, extra) for s, folder in budgets.items()}
+    name = method.split(":")[0]
+    curve = [
+        {"step": s, "text": text, "perplexity": values[name]}
+        for s, data in results.items()
+        for text, values in data.get("perplexity_by_text", {}).items()
+    ]
+    return row_of(method, bits, group, results[steps[-1]], curve)
+
+
+def train_once(method: str, bits: int, group: int, steps: list[int], run_dir: Path, extra: list[str]) -> dict:
+    """``dlqat train`` in its own process (reused if finished, resumed if killed); its results.json."""
     results_file = run_dir / "results.json"
     if not results_file.is_file():
         # killed after a checkpoint: resume it; killed before one (or a post-training method, which has none):
@@ -89,10 +113,15 @@ def run_one(method: str, bits: int, group: int, steps: list[int], out: Path, ext
         )
         atomic_write_json(results_file, data)
     data = json.loads(results_file.read_text())
+    curve_file = run_dir / "curve.jsonl"
+    data["curve"] = [json.loads(line) for line in curve_file.read_text().splitlines()] if curve_file.is_file() else []
+    return data
+
+
+def row_of(method: str, bits: int, group: int, data: dict, curve: list[dict] | None = None) -> dict:
+    """One comparison row from a run's results (``curve``: its learning-curve points, if not the run's own)."""
     ppl = data["perplexity"]
     trainable = max(data["trainable_params"].values(), default=0)
-    curve = [json.loads(line) for line in (run_dir / "curve.jsonl").read_text().splitlines()] if (
-        run_dir / "curve.jsonl").is_file() else []  # fmt: skip
     return {
         "method": method,
         "bits": bits,
@@ -106,7 +135,7 @@ def run_one(method: str, bits: int, group: int, steps: list[int], out: Path, ext
         "seconds_per_step": data.get("seconds_per_step"),
         "eval": data.get("eval"),
         "by_text": data.get("perplexity_by_text", {}),
-        "curve": curve,
+        "curve": data["curve"] if curve is None else curve,
     }
 
 

@@ -86,6 +86,12 @@ def _setup(method_cfg, cfg, model, tokenizer, data) -> Run:
     """Check the run folder and checkpoint first (nothing is loaded or written for a refused run), then
     load, then write ``run_config.json``, then evaluate float and prepare the method's layers."""
     method_cfg, cfg = resolve_defaults(method_cfg, cfg)
+    if cfg.curve_steps and not handler(method_cfg).trains_final_forward(method_cfg):
+        raise ValueError(
+            f"eval_at={cfg.eval_at!r} with method {method_cfg.name!r}: the model it trains is quantized only "
+            "after training, so a mid-run point would not be the low-bit model; train one run per budget "
+            "(`dlqat compare --steps 40,120` does that for this method)"
+        )
     out = Path(cfg.output_dir)
     prepare_run_folder(out, cfg.resume, cfg.overwrite)
     settings = run_settings(method_cfg.name, method_cfg.to_dict(), asdict(cfg))

@@ -101,6 +101,9 @@ class RTN(QuantMethod):
     def starts_at(self, cfg: QuantMethodConfig) -> None:
         return None  # the model is float until finalize
 
+    def trains_final_forward(self, cfg: QuantMethodConfig) -> bool:
+        return not isinstance(cfg, FloatLoRAFields)  # float + LoRA while training; quantized in finalize
+
     def finalize(self, model: nn.Module, cfg: QuantMethodConfig, layer_names: list[str], calibration) -> None:
         """Merge a float LoRA if any, then replace the target linears by ``QuantizedLinear``s."""
         if isinstance(cfg, FloatLoRAFields):

@@ -11,7 +11,8 @@ method means writing a config dataclass and a handler, and decorating the handle
 
 ``calibrate`` (a data-dependent start, e.g. from GPTQ), ``finalize`` (post-training steps such as GPTQ),
 ``starts_at`` (which named PTQ result the prepared, untrained model equals, evaluated as a reference
-row) and ``float_teacher`` (whether the layers keep the float weight to distil from) have defaults.
+row), ``float_teacher`` (whether the layers keep the float weight to distil from) and
+``trains_final_forward`` (whether a mid-run evaluation is the low-bit model's) have defaults.
 """
 
 from __future__ import annotations
@@ -59,6 +60,11 @@ class QuantMethod:
     def starts_at(self, cfg: QuantMethodConfig) -> str | None:
         """The named PTQ result the prepared, untrained model computes exactly (``"rtn"``), or None."""
         return "rtn"
+
+    def trains_final_forward(self, cfg: QuantMethodConfig) -> bool:
+        """Whether the model being trained computes what the finished model will, so that evaluating it
+        mid-run (``--eval_at``) gives a shorter run's result; false where ``finalize`` still quantizes."""
+        return True
 
 
 _HANDLERS: dict[type, QuantMethod] = {}
