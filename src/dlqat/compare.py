@@ -72,7 +72,7 @@ def run_one(method: str, bits: int, group: int, steps: list[int], out: Path, ext
     """The method's row: its largest budget's results, and its curve (one run, or one run per budget)."""
     run_dir = out / f"{method.replace(':', '-')}-w{bits}g{group}"
     if len(steps) == 1 or curve_in_one_run(method):
-        return row_of(method, bits, group, train_once(method, bits, group, steps, run_dir, extra))
+        return row_of(method, bits, group, train_once(method, bits, group, steps, run_dir, extra), read_curve(run_dir))
     budgets = {s: run_dir if s == steps[-1] else run_dir.with_name(f"{run_dir.name}-{s}steps") for s in steps}
     results = {s: train_once(method, bits, group, [s], folder, extra) for s, folder in budgets.items()}
     name = method.split(":")[0]
@@ -112,14 +112,17 @@ def train_once(method: str, bits: int, group: int, steps: list[int], run_dir: Pa
             usage.ru_maxrss / 1024 if data.get("peak_memory_mb") is None else data["peak_memory_mb"]
         )
         atomic_write_json(results_file, data)
-    data = json.loads(results_file.read_text())
+    return json.loads(results_file.read_text())
+
+
+def read_curve(run_dir: Path) -> list[dict]:
+    """The run's ``--eval_at`` points (curve.jsonl), or none."""
     curve_file = run_dir / "curve.jsonl"
-    data["curve"] = [json.loads(line) for line in curve_file.read_text().splitlines()] if curve_file.is_file() else []
-    return data
+    return [json.loads(line) for line in curve_file.read_text().splitlines()] if curve_file.is_file() else []
 
 
-def row_of(method: str, bits: int, group: int, data: dict, curve: list[dict] | None = None) -> dict:
-    """One comparison row from a run's results (``curve``: its learning-curve points, if not the run's own)."""
+def row_of(method: str, bits: int, group: int, data: dict, curve: list[dict]) -> dict:
+    """One comparison row from a run's results and its learning-curve points."""
     ppl = data["perplexity"]
     trainable = max(data["trainable_params"].values(), default=0)
     return {
@@ -135,7 +138,7 @@ def row_of(method: str, bits: int, group: int, data: dict, curve: list[dict] | N
         "seconds_per_step": data.get("seconds_per_step"),
         "eval": data.get("eval"),
         "by_text": data.get("perplexity_by_text", {}),
-        "curve": data["curve"] if curve is None else curve,
+        "curve": curve,
     }
 
 
