@@ -37,13 +37,19 @@ def bar_axes(ax, labels: Sequence[str], groups: dict[str, Sequence[float]], valu
 
 
 def plain_log_y(ax) -> None:
-    """Log y labelled with plain numbers (16.3, not 1.63 x 10^1): every minor tick labelled over a narrow
-    range, only some (2, 3, 5 x 10^k) over a decade or more."""
-    from matplotlib.ticker import LogFormatter, ScalarFormatter
+    """Log y labelled with plain numbers (16.3, not 1.63 x 10^1). Within a decade the log locator has too few
+    ticks (none between 10 and 20: a panel spanning 9-14 shows two), so there plain evenly spaced ticks stand
+    in; over a decade or more only some minor ticks (2, 3, 5 x 10^k) are labelled. Call it after drawing."""
+    from matplotlib.ticker import LogFormatter, MaxNLocator, NullLocator, ScalarFormatter
 
     ax.set_yscale("log")
     ax.yaxis.set_major_formatter(ScalarFormatter())
-    ax.yaxis.set_minor_formatter(LogFormatter(labelOnlyBase=False, minor_thresholds=(2, 0.5)))
+    low, high = ax.get_ylim()
+    if high < 10 * low:
+        ax.yaxis.set_major_locator(MaxNLocator(nbins=8, steps=[1, 2, 2.5, 5, 10]))
+        ax.yaxis.set_minor_locator(NullLocator())
+    else:
+        ax.yaxis.set_minor_formatter(LogFormatter(labelOnlyBase=False, minor_thresholds=(2, 0.5)))
 
 
 def figure(panels: int, width_per_panel: float, path: Path, draw, legend_rows: int = 0) -> Path | None:
