@@ -2,15 +2,14 @@
 
 import pytest
 
-from dlqat.eval.tables import plain_log_y
+from dlqat.eval.tables import _pyplot, plain_log_y
 
 
 def y_labels_in_view(low: float, high: float) -> list[float]:
     """The labelled y ticks (major and minor) that fall inside the axis after ``plain_log_y``, as numbers."""
-    matplotlib = pytest.importorskip("matplotlib")
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()  # the plots' own import (Agg backend)
+    if plt is None:
+        pytest.skip("matplotlib not installed")
     fig, ax = plt.subplots()
     ax.plot([0, 1], [low, high])
     plain_log_y(ax)
