@@ -507,3 +507,33 @@ def test_gptq_start_trains_and_reports_its_start(tiny_model_dir, text_file, tmp_
         make_config("l4q", init="gptq-mse", zero_point="int")
     with pytest.raises(ValueError, match="grid='mean': expected one of minmax, mse"):
         make_config("gptq", grid="mean")
+
+
+def test_compare_grows_a_finished_curve_to_a_longer_budget(tiny_model_dir, text_file, tmp_path, capsys):
+    """--steps 2,4 then 2,4,6 on the same folder: the finished 4-step runs continue to 6 steps from their
+    checkpoints (their 2- and 4-step points kept), a per-budget method's 4-step run keeps its point under its
+    ``-4steps`` name; a shorter --steps, or a cosine run that finished short, is refused, naming the folder."""
+    out = tmp_path / "grow"
+    common = ["--bits", "3", "--group_size", "32", "--output_dir", str(out), "--model", str(tiny_model_dir), "--data",
+              str(text_file), "--eval_data", str(text_file), "--seq_len", "32", "--grad_accum", "1", "--eval_seq_len",
+              "32", "--eval_max_windows", "2", "--no_progress"]  # fmt: skip
+    assert main(["compare", "--methods", "l4q,lora_rtn", "--steps", "2,4", *common]) == 0
+    curve_file, lora_dir = out / "l4q-w3g32" / "curve.jsonl", out / "lora_rtn-w3g32"
+    before, lora_at_4 = curve_file.read_text(), (lora_dir / "results.json").read_text()
+    assert main(["compare", "--methods", "l4q,lora_rtn", "--steps", "2,4,6", *common]) == 0
+    assert curve_file.read_text().startswith(before)
+    assert [json.loads(line)["step"] for line in curve_file.read_text().splitlines()] == [2, 4, 6]
+    log = (out / "l4q-w3g32" / "train_log.jsonl").read_text().splitlines()
+    assert [json.loads(line)["step"] for line in log] == list(range(1, 7))
+    assert json.loads((out / "l4q-w3g32" / "results.json").read_text())["settings"]["steps"] == 6
+    assert (out / "lora_rtn-w3g32-4steps" / "results.json").read_text() == lora_at_4
+    assert json.loads((lora_dir / "results.json").read_text())["settings"]["steps"] == 6
+    assert "| l4q | 3 | 32 |" in (out / "curves.md").read_text()
+    capsys.readouterr()
+    assert main(["compare", "--methods", "l4q", "--steps", "2,4", *common]) == 2
+    assert f"{out / 'l4q-w3g32'} holds a 6-step l4q run, more than --steps asks for (4)" in capsys.readouterr().err
+    cosine = tmp_path / "cos"
+    cosine_argv = ["compare", "--methods", "l4q", *common, "--output_dir", str(cosine), "--lr_schedule", "cosine"]
+    assert main([*cosine_argv, "--steps", "2"]) == 0
+    assert main([*cosine_argv, "--steps", "4"]) == 2
+    assert f"{cosine / 'l4q-w3g32'} holds a 2-step l4q run with lr_schedule='cosine'" in capsys.readouterr().err

@@ -13,6 +13,11 @@ ends with (DL-QAT's phase 1 is fixed at a fifth of the *first* point, so every p
 phase 1). A method whose trained model is quantized only after training (LoRA then RTN/GPTQ) gets one
 run per budget instead (``OUT/METHOD-wBITSgGROUP-Nsteps`` for the shorter ones): its mid-run model is
 float + LoRA, not the low-bit model.
+
+A curve grows across sessions: ``--steps 40,120,200`` on a folder whose runs finished at 120 steps resumes
+each of them to 200 (a constant-lr run continued from its checkpoint is the longer run; ``dlqat train``
+refuses anything else), and a per-budget method's 120-step run keeps its point under its ``-120steps``
+name. A run planned for more steps than asked is refused rather than reported as the shorter budget.
 """
 
 from __future__ import annotations
@@ -74,6 +79,9 @@ def run_one(method: str, bits: int, group: int, steps: list[int], out: Path, ext
     if len(steps) == 1 or curve_in_one_run(method):
         return row_of(method, bits, group, train_once(method, bits, group, steps, run_dir, extra), read_curve(run_dir))
     budgets = {s: run_dir if s == steps[-1] else run_dir.with_name(f"{run_dir.name}-{s}steps") for s in steps}
+    earlier = planned_steps(run_dir)  # run_dir held the largest budget of an earlier, shorter curve
+    if earlier in budgets and earlier != steps[-1] and not budgets[earlier].exists():
+        run_dir.rename(budgets[earlier])
     results = {s: train_once(method, bits, group, [s], folder, extra) for s, folder in budgets.items()}
     name = method.split(":")[0]
     curve = [
@@ -84,10 +92,50 @@ def run_one(method: str, bits: int, group: int, steps: list[int], out: Path, ext
     return row_of(method, bits, group, results[steps[-1]], curve)
 
 
-def train_once(method: str, bits: int, group: int, steps: list[int], run_dir: Path, extra: list[str]) -> dict:
-    """``dlqat train`` in its own process (reused if finished, resumed if killed); its results.json."""
+def planned_steps(run_dir: Path) -> int | None:
+    """The optimizer steps of the run set up in ``run_dir`` (None: no run there, or a method that does not train)."""
+    config_file = run_dir / "run_config.json"
+    if not config_file.is_file():
+        return None
+    cfg = json.loads(config_file.read_text())["method_config"]
+    if "steps" in cfg:
+        return cfg["steps"]
+    return cfg["phase1_steps"] + cfg["phase2_steps"] if "phase2_steps" in cfg else None
+
+
+def finished_steps(run_dir: Path) -> int | None:
+    """The optimizer steps the run in ``run_dir`` had trained when it last finished (None: never finished)."""
     results_file = run_dir / "results.json"
-    if not results_file.is_file():
+    return json.loads(results_file.read_text())["settings"]["steps"] if results_file.is_file() else None
+
+
+def refuse_unfit_run(method: str, run_dir: Path, planned: int | None, done: int | None, budget: int) -> None:
+    """A run in ``run_dir`` that cannot become the ``budget``-step run: refused, naming what is there."""
+    there = f"{run_dir} holds a {max(planned or 0, done or 0)}-step {method} run"
+    if max(planned or 0, done or 0) > budget:
+        raise ValueError(f"{there}, more than --steps asks for ({budget}): end --steps at that, or pass another "
+                         "--output_dir")  # fmt: skip
+    if done is None or planned is None or done == budget:
+        return
+    if not (run_dir / "checkpoint.pt").is_file():
+        raise ValueError(f"{there} and no checkpoint.pt to continue it to {budget} steps: pass another --output_dir")
+    schedule = json.loads((run_dir / "run_config.json").read_text())["train_config"].get("lr_schedule", "constant")
+    if schedule != "constant":
+        raise ValueError(
+            f"{there} with lr_schedule={schedule!r}: only a constant-lr run continued to {budget} steps is the "
+            f"{budget}-step run; pass another --output_dir"
+        )
+
+
+def train_once(method: str, bits: int, group: int, steps: list[int], run_dir: Path, extra: list[str]) -> dict:
+    """``dlqat train`` in its own process (reused if finished, continued if it finished short of the budget,
+    resumed if killed); its results.json."""
+    results_file = run_dir / "results.json"
+    planned, done = planned_steps(run_dir), finished_steps(run_dir)
+    refuse_unfit_run(method, run_dir, planned, done, steps[-1])
+    # a run that finished short resumes from its last checkpoint; its results.json stays until the longer run
+    # replaces it (a continuation killed on the way still has the shorter run's results, whose steps say so)
+    if done is None or (planned is not None and done != steps[-1]):
         # killed after a checkpoint: resume it; killed before one (or a post-training method, which has none):
         # nothing trained is kept, so start it afresh in place of its run_config.json and partial logs
         if (run_dir / "checkpoint.pt").is_file():
