@@ -35,6 +35,7 @@ from dlqat.eval.tables import bar_axes, figure, line_plot, markdown_table, plain
 from dlqat.fileio import atomic_write, atomic_write_json, atomic_write_text
 from dlqat.methods import config_class, handler, method_names
 from dlqat.quant.primitives import MAX_BITS, MIN_BITS, check_group_size
+from dlqat.run_folder import ADDED_SETTINGS
 
 COLUMNS = [
     "method",
@@ -79,7 +80,7 @@ def run_one(method: str, bits: int, group: int, steps: list[int], out: Path, ext
     if len(steps) == 1 or curve_in_one_run(method):
         return row_of(method, bits, group, train_once(method, bits, group, steps, run_dir, extra), read_curve(run_dir))
     budgets = {s: run_dir if s == steps[-1] else run_dir.with_name(f"{run_dir.name}-{s}steps") for s in steps}
-    earlier = planned_steps(run_dir)  # run_dir held the largest budget of an earlier, shorter curve
+    earlier = planned_steps(saved_run_config(run_dir))  # run_dir held the largest budget of an earlier, shorter curve
     if earlier in budgets and earlier != steps[-1] and not budgets[earlier].exists():
         run_dir.rename(budgets[earlier])
     results = {s: train_once(method, bits, group, [s], folder, extra) for s, folder in budgets.items()}
@@ -92,12 +93,15 @@ def run_one(method: str, bits: int, group: int, steps: list[int], out: Path, ext
     return row_of(method, bits, group, results[steps[-1]], curve)
 
 
-def planned_steps(run_dir: Path) -> int | None:
-    """The optimizer steps of the run set up in ``run_dir`` (None: no run there, or a method that does not train)."""
+def saved_run_config(run_dir: Path) -> dict | None:
+    """The run_config.json of the run set up in ``run_dir`` (None: no run there)."""
     config_file = run_dir / "run_config.json"
-    if not config_file.is_file():
-        return None
-    cfg = json.loads(config_file.read_text())["method_config"]
+    return json.loads(config_file.read_text()) if config_file.is_file() else None
+
+
+def planned_steps(saved: dict | None) -> int | None:
+    """The optimizer steps of a saved run config (None: no run, or a method that does not train)."""
+    cfg = saved["method_config"] if saved else {}
     if "steps" in cfg:
         return cfg["steps"]
     return cfg["phase1_steps"] + cfg["phase2_steps"] if "phase2_steps" in cfg else None
@@ -109,8 +113,10 @@ def finished_steps(run_dir: Path) -> int | None:
     return json.loads(results_file.read_text())["settings"]["steps"] if results_file.is_file() else None
 
 
-def refuse_unfit_run(method: str, run_dir: Path, planned: int | None, done: int | None, budget: int) -> None:
-    """A run in ``run_dir`` that cannot become the ``budget``-step run: refused, naming what is there."""
+def refuse_unfit_run(method: str, run_dir: Path, saved: dict | None, done: int | None, budget: int) -> None:
+    """A run in ``run_dir`` (its saved config ``saved``, ``done`` steps finished) that cannot become the
+    ``budget``-step run: refused, naming what is there."""
+    planned = planned_steps(saved)
     there = f"{run_dir} holds a {max(planned or 0, done or 0)}-step {method} run"
     if max(planned or 0, done or 0) > budget:
         raise ValueError(f"{there}, more than --steps asks for ({budget}): end --steps at that, or pass another "
@@ -119,7 +125,7 @@ def refuse_unfit_run(method: str, run_dir: Path, planned: int | None, done: int 
         return
     if not (run_dir / "checkpoint.pt").is_file():
         raise ValueError(f"{there} and no checkpoint.pt to continue it to {budget} steps: pass another --output_dir")
-    schedule = json.loads((run_dir / "run_config.json").read_text())["train_config"].get("lr_schedule", "constant")
+    schedule = saved["train_config"].get("lr_schedule", ADDED_SETTINGS["lr_schedule"])
     if schedule != "constant":
         raise ValueError(
             f"{there} with lr_schedule={schedule!r}: only a constant-lr run continued to {budget} steps is the "
@@ -131,8 +137,9 @@ def train_once(method: str, bits: int, group: int, steps: list[int], run_dir: Pa
     """``dlqat train`` in its own process (reused if finished, continued if it finished short of the budget,
     resumed if killed); its results.json."""
     results_file = run_dir / "results.json"
-    planned, done = planned_steps(run_dir), finished_steps(run_dir)
-    refuse_unfit_run(method, run_dir, planned, done, steps[-1])
+    saved, done = saved_run_config(run_dir), finished_steps(run_dir)
+    planned = planned_steps(saved)
+    refuse_unfit_run(method, run_dir, saved, done, steps[-1])
     # a run that finished short resumes from its last checkpoint; its results.json stays until the longer run
     # replaces it (a continuation killed on the way still has the shorter run's results, whose steps say so)
     if done is None or (planned is not None and done != steps[-1]):
