@@ -4,6 +4,7 @@ the float model's perplexity (from the run's checkpoint results) is the dashed l
 start (the PTQ result it starts from: RTN, GPTQ, ...) a dotted one: what training has to beat.
 
     python bench/plot_curve.py runs/long/w3g128-kd-200 --out docs/curve_w3g128.png
+    python bench/plot_curve.py runs/a runs/b --labels "DL-QAT (cosine),L4Q (constant)" --out docs/ab.png
 """
 
 from __future__ import annotations
@@ -44,10 +45,23 @@ def start_label(run: Path) -> str | None:
     return handler(cfg).starts_at(cfg)
 
 
-def untrained_starts(runs: list[Path]) -> dict[str, dict[str, float]]:
+def line_names(runs: list[Path], labels: str | None) -> list[str]:
+    """Each run's line name: its entry in the comma-separated ``labels``, else its folder name."""
+    if labels is None:
+        return [run.name for run in runs]
+    names = [name.strip() for name in labels.split(",")]
+    if len(names) != len(runs) or len(set(names)) != len(names) or not all(names):
+        raise ValueError(f"--labels {labels!r}: expected {len(runs)} distinct non-empty names, one per run folder")
+    return names
+
+
+def untrained_starts(runs: list[Path], names: list[str] | None = None) -> dict[str, dict[str, float]]:
     """Reference line name -> text -> perplexity of each run's untrained start. Seeds of one recipe share
-    their start: then one line for all of them, else one per run, named after it."""
-    run_starts = [(run.name, label, perplexities(run, label)) for run in runs if (label := start_label(run))]
+    their start: then one line for all of them, else one per run, named after it (``names``, else its folder)."""
+    names = names or [run.name for run in runs]
+    run_starts = [
+        (name, label, perplexities(run, label)) for run, name in zip(runs, names) if (label := start_label(run))
+    ]
     shared = len({(label, tuple(sorted(by_text.items()))) for _, label, by_text in run_starts}) == 1
     return {
         f"untrained ({label})" if shared else f"{name}: untrained ({label})": by_text
@@ -58,11 +72,17 @@ def untrained_starts(runs: list[Path]) -> dict[str, dict[str, float]]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("runs", nargs="+", help="run folders with curve.jsonl")
+    parser.add_argument("--labels", help="comma-separated line names, one per run (default: the folder names)")
     parser.add_argument("--out", required=True, help="PNG path (a Markdown table is printed)")
     args = parser.parse_args()
-    curves = {Path(run).name: read_curve(Path(run)) for run in args.runs}
-    floats = perplexities(Path(args.runs[0]), "float")
-    starts = untrained_starts(list(map(Path, args.runs)))
+    runs = list(map(Path, args.runs))
+    try:
+        names = line_names(runs, args.labels)
+    except ValueError as error:
+        parser.error(str(error))
+    curves = {name: read_curve(run) for name, run in zip(names, runs)}
+    floats = perplexities(runs[0], "float")
+    starts = untrained_starts(runs, names)
     texts = sorted({text for curve in curves.values() for text in curve})
     series = []
     for text in texts:

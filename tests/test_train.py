@@ -278,3 +278,12 @@ def test_eval_at_writes_a_curve_on_every_text(tiny_model_dir, text_file, tmp_pat
     results_file.write_text(results_file.read_text().replace(str(by_text["other.txt"]["rtn-mse"]), "1.5"))
     assert set(plot_curve.untrained_starts([tmp_path / "run", tmp_path / "seed2"])) == {
         "run: untrained (rtn-mse)", "seed2: untrained (rtn-mse)"}  # fmt: skip
+    # --labels names the lines (and the per-run start lines); a wrong count or a repeated name is refused
+    runs = [tmp_path / "run", tmp_path / "seed2"]
+    names = plot_curve.line_names(runs, "DL-QAT (cosine), seed 2")
+    assert names == ["DL-QAT (cosine)", "seed 2"] and plot_curve.line_names(runs, None) == ["run", "seed2"]
+    assert set(plot_curve.untrained_starts(runs, names)) == {
+        "DL-QAT (cosine): untrained (rtn-mse)", "seed 2: untrained (rtn-mse)"}  # fmt: skip
+    for bad in ("one", "a,a", "a,"):
+        with pytest.raises(ValueError, match="2 distinct non-empty names"):
+            plot_curve.line_names(runs, bad)
