@@ -58,7 +58,7 @@ def line_names(runs: list[Path], labels: str | None) -> list[str]:
 def untrained_starts(runs: list[Path], names: list[str] | None = None) -> dict[str, dict[str, float]]:
     """Reference line name -> text -> perplexity of each run's untrained start. Seeds of one recipe share
     their start: then one line for all of them, else one per run, named after it (``names``, else its folder)."""
-    names = names or [run.name for run in runs]
+    names = names or line_names(runs, None)
     run_starts = [
         (name, label, perplexities(run, label)) for run, name in zip(runs, names) if (label := start_label(run))
     ]
