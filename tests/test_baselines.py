@@ -11,6 +11,7 @@ from torch import nn
 from conftest import tiny_args, tiny_eval_args, tiny_model
 from dlqat import finalize, phases, prepare
 from dlqat.cli import main, parse_train_args
+from dlqat.compare import curve_schedule_flags
 from dlqat.export import convert
 from dlqat.layers import QuantizedLinear
 from dlqat.layers.qa_lora_linear import QALoRALinear
@@ -357,6 +358,19 @@ def test_compare_refuses_settings_it_cannot_run(tmp_path, capsys, flag, value, e
     assert main(["compare", "--methods", "rtn", flag, value, "--output_dir", str(out)]) == 2
     assert expected in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_compare_pins_a_constant_lr_for_curves_only():
+    """A curve is read off one run, so ``auto`` (given or not) is pinned to constant for every method whose
+    preset does not set the schedule itself (a flag repeating a preset's setting is refused); one budget
+    leaves ``auto`` to each run (DL-QAT then decays its lr from 120 steps)."""
+    pinned = ["--lr_schedule", "constant"]
+    assert curve_schedule_flags("dl_qat", [40, 120], []) == pinned
+    assert curve_schedule_flags("l4q", [40, 120], ["--lr-schedule", "auto"]) == pinned
+    assert curve_schedule_flags("dl_qat:paper", [40, 120], []) == []
+    assert curve_schedule_flags("dl_qat:dlqat-6", [40, 120], []) == pinned
+    assert curve_schedule_flags("dl_qat", [40, 120], ["--lr_schedule", "constant"]) == []
+    assert curve_schedule_flags("dl_qat", [400], []) == []
 
 
 def test_compare_refuses_a_curve_with_a_decaying_lr(tmp_path, capsys):

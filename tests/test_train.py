@@ -8,6 +8,7 @@ import os
 import shutil
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -15,14 +16,15 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import tiny_args, tiny_configs, tiny_eval_args
-from dlqat.cli import main
+from dlqat.cli import main, parse_train_args
 from dlqat.fileio import RefusedError
 from dlqat.layers import QuantLoRALinear
 from dlqat.loop import Checkpointer
+from dlqat.methods import DLQATConfig, FullQATConfig, L4QConfig, QALoRAConfig, dl_qat
 from dlqat.run_folder import check_same_run, load_checkpoint
 from dlqat.schedules import lr_factor
 from dlqat.train import train
-from dlqat.train_config import TrainConfig
+from dlqat.train_config import TrainConfig, resolve_defaults
 
 
 def test_training_lowers_loss_and_writes_the_run(tiny_model_dir, text_file, tmp_path):
@@ -102,13 +104,20 @@ def test_killed_run_resumes_to_the_same_result(
         torch.testing.assert_close(resumed[key], straight[key], atol=0, rtol=0, msg=key)
 
 
-def test_finished_run_resumed_with_a_longer_last_phase_equals_the_longer_run(tiny_model_dir, text_file, tmp_path):
+def test_finished_run_resumed_with_a_longer_last_phase_equals_the_longer_run(
+    tiny_model_dir, text_file, tmp_path, monkeypatch
+):
     """Curves that span sessions: a finished 3+8-step run, resumed with --phase2_steps 12, ends exactly
-    like a 3+12-step run (constant learning rate, data order fixed by seed and step); shrinking is refused."""
-    configs = lambda out, **more: tiny_configs(tiny_model_dir, text_file, out, lr_schedule="constant", **more)
-    train(*configs(tmp_path / "long", phase2_steps=12))
+    like a 3+12-step run (constant learning rate, data order fixed by seed and step); shrinking is refused.
+    The grown run is planned with ``--lr_schedule auto``, which would decay a fresh 15-step run here: on
+    resume auto keeps the run's own (constant) schedule instead of refusing the growth."""
+    monkeypatch.setattr(dl_qat, "COSINE_FROM_STEPS", 12)
+    configs = lambda out, **more: tiny_configs(tiny_model_dir, text_file, out, **more)
+    train(*configs(tmp_path / "long", phase2_steps=12, lr_schedule="constant"))
     train(*configs(tmp_path / "grown", phase2_steps=8))
+    assert json.loads((tmp_path / "grown" / "run_config.json").read_text())["train_config"]["lr_schedule"] == "constant"
     train(*configs(tmp_path / "grown", phase2_steps=12, resume=True))
+    assert json.loads((tmp_path / "grown" / "run_config.json").read_text())["train_config"]["lr_schedule"] == "constant"
     long = load_file(tmp_path / "long" / "quant_state.safetensors")
     grown = load_file(tmp_path / "grown" / "quant_state.safetensors")
     for key in long:
@@ -132,6 +141,27 @@ def test_cosine_schedule_decays_each_phase_and_may_not_grow(tiny_model_dir, text
     with pytest.raises(ValueError, match="phase2_steps: 12 -> 16 with lr_schedule='cosine'"):
         train(*tiny_configs(tiny_model_dir, text_file, tmp_path / "cos", lr_schedule="cosine", phase2_steps=16,
                             resume=True))  # fmt: skip
+
+
+def test_auto_schedule_decays_dl_qat_from_its_measured_budget_only():
+    """``--lr_schedule auto``: cosine for DL-QAT runs of COSINE_FROM_STEPS steps or more (both phases counted,
+    a joint setting's too), constant below, for the other methods and for the paper preset; a resumed run
+    keeps its own schedule; a schedule given explicitly is kept."""
+    run = TrainConfig(model="m", data="d")
+    schedule = lambda method, cfg=run, resumed=None: resolve_defaults(method, cfg, resumed)[1].lr_schedule
+    at = dl_qat.COSINE_FROM_STEPS
+    assert schedule(DLQATConfig(phase1_steps=8, phase2_steps=32)) == "constant"
+    assert schedule(DLQATConfig(phase1_steps=8, phase2_steps=at - 9)) == "constant"
+    assert schedule(DLQATConfig(phase1_steps=8, phase2_steps=at - 8)) == "cosine"
+    assert schedule(DLQATConfig(clip_mode="joint", phase1_steps=0, phase2_steps=at)) == "cosine"
+    assert schedule(DLQATConfig()) == "cosine"  # a full run's defaults: 1000 + 1000 steps
+    assert schedule(DLQATConfig(), TrainConfig()) == "constant"  # the embedded demo: 10 + 30 steps
+    assert schedule(DLQATConfig(), resumed="constant") == "constant"
+    assert schedule(DLQATConfig(), replace(run, lr_schedule="linear")) == "linear"
+    for method in (L4QConfig(steps=400), QALoRAConfig(steps=400), FullQATConfig(steps=400)):
+        assert schedule(method) == "constant", method.name
+    paper, paper_run = parse_train_args(["--preset", "paper", "--phase2_steps", "400", "--model", "m", "--data", "d"])
+    assert schedule(paper, paper_run) == "constant"
 
 
 def test_checkpoint_from_before_lr_schedule_resumes_as_constant():

@@ -3,16 +3,18 @@
 Each run is a separate ``dlqat train`` process (so peak memory is that run's own), written to
 ``OUT/METHOD-wBITSgGROUP``; finished runs are reused when the comparison is run again, killed ones
 resume (or, killed before their first checkpoint, start again). The table goes to
-``OUT/comparison.{md,csv}`` and a bar chart of perplexity to ``OUT/comparison.png``. A method may name one of its presets: ``dl_qat:paper``, ``qa_lora:paper``.
+``OUT/comparison.{md,csv}`` and a bar chart of perplexity to ``OUT/comparison.png``. A method may name
+one of its presets: ``dl_qat:paper``, ``qa_lora:paper``.
 
 Learning curves: ``--steps 40,120,400`` trains each method once for the largest budget and evaluates
 it at each listed step (``--eval_at``), on ``--eval_data`` and every ``--curve_eval_data`` text:
 ``OUT/curves.{md,png}``, perplexity against optimizer steps, one line per method. With a constant
-learning rate and a fixed data order, the model at step 40 of that run is the model a 40-step run
-ends with (DL-QAT's phase 1 is fixed at a fifth of the *first* point, so every point has the same
-phase 1). A method whose trained model is quantized only after training (LoRA then RTN/GPTQ) gets one
-run per budget instead (``OUT/METHOD-wBITSgGROUP-Nsteps`` for the shorter ones): its mid-run model is
-float + LoRA, not the low-bit model.
+learning rate (pinned for curves; ``--lr_schedule auto`` would decay DL-QAT's from ``COSINE_FROM_STEPS``)
+and a fixed data order, the model at step 40 of that run is the model a 40-step run ends with (DL-QAT's
+phase 1 is fixed at a fifth of the *first* point, so every point has the same phase 1). A method whose
+trained model is quantized only after training (LoRA then RTN/GPTQ) gets one run per budget instead
+(``OUT/METHOD-wBITSgGROUP-Nsteps`` for the shorter ones): its mid-run model is float + LoRA, not the
+low-bit model.
 
 A curve grows across sessions: ``--steps 40,120,200`` on a folder whose runs finished at 120 steps resumes
 each of them to 200 (a constant-lr run continued from its checkpoint is the longer run; ``dlqat train``
@@ -34,8 +36,9 @@ from pathlib import Path
 from dlqat.eval.tables import bar_axes, figure, line_plot, markdown_table, plain_log_y
 from dlqat.fileio import atomic_write, atomic_write_json, atomic_write_text
 from dlqat.methods import config_class, handler, method_names
+from dlqat.methods.dl_qat import COSINE_FROM_STEPS
 from dlqat.quant.primitives import MAX_BITS, MIN_BITS, check_group_size
-from dlqat.run_folder import ADDED_SETTINGS
+from dlqat.run_folder import run_schedule
 
 COLUMNS = [
     "method",
@@ -61,6 +64,24 @@ def steps_flags(method: str, steps: list[int]) -> list[str]:
         phase1 = steps[0] // 5
         return ["--phase1_steps", str(phase1), "--phase2_steps", str(steps[-1] - phase1), *curve]
     return ["--steps", str(steps[-1]), *curve]
+
+
+def given_schedule(extra: list[str]) -> str | None:
+    """The ``--lr_schedule`` among the flags passed on to ``dlqat train`` (None: not given, i.e. auto)."""
+    parser = argparse.ArgumentParser(add_help=False)
+    parser.add_argument("--lr_schedule", "--lr-schedule", default=None)
+    return parser.parse_known_args(extra)[0].lr_schedule
+
+
+def curve_schedule_flags(method: str, steps: list[int], extra: list[str]) -> list[str]:
+    """A curve read off one run needs a constant lr: pinned where ``auto`` (given or by default) would let
+    the run decay it, unless the method's preset sets the schedule itself (a repeated flag is refused)."""
+    if len(steps) == 1 or given_schedule(extra) not in (None, "auto"):
+        return []
+    name, _, preset = method.partition(":")
+    if preset and "lr_schedule" in config_class(name).preset_settings(preset):
+        return []
+    return ["--lr_schedule", "constant"]
 
 
 def method_flags(method: str) -> list[str]:
@@ -125,7 +146,7 @@ def refuse_unfit_run(method: str, run_dir: Path, saved: dict | None, done: int |
         return
     if not (run_dir / "checkpoint.pt").is_file():
         raise ValueError(f"{there} and no checkpoint.pt to continue it to {budget} steps: pass another --output_dir")
-    schedule = saved["train_config"].get("lr_schedule", ADDED_SETTINGS["lr_schedule"])
+    schedule = run_schedule(saved)
     if schedule != "constant":
         raise ValueError(
             f"{there} with lr_schedule={schedule!r}: only a constant-lr run continued to {budget} steps is the "
@@ -153,7 +174,8 @@ def train_once(method: str, bits: int, group: int, steps: list[int], run_dir: Pa
             restart = []
         argv = [
             sys.executable, "-m", "dlqat", "train", *method_flags(method), "--n_bits", str(bits), "--group_size",
-            str(group), "--output_dir", str(run_dir), *steps_flags(method, steps), *extra, *restart,
+            str(group), "--output_dir", str(run_dir), *steps_flags(method, steps), *extra,
+            *curve_schedule_flags(method, steps, extra), *restart,
         ]  # fmt: skip
         print(f"\n=== {method} W{bits} g{group}: {' '.join(argv[3:])}", flush=True)
         child = subprocess.Popen(argv)
@@ -338,13 +360,16 @@ def main(argv: list[str]) -> int:
     steps = sorted(set(int_list("--steps", args.steps, 1, None, "positive integers")))
     bits = int_list("--bits", args.bits, MIN_BITS, MAX_BITS, f"integers from {MIN_BITS} to {MAX_BITS}")
     check_group_size(args.group_size, "--group_size")  # else the first run refuses it, after --output_dir exists
-    schedule = argparse.ArgumentParser(add_help=False)
-    schedule.add_argument("--lr_schedule", "--lr-schedule", default="constant")
-    lr_schedule = schedule.parse_known_args(extra)[0].lr_schedule
-    if len(steps) > 1 and lr_schedule != "constant":
+    lr_schedule = given_schedule(extra)
+    if len(steps) > 1 and lr_schedule not in (None, "auto", "constant"):
         raise ValueError(
             f"--steps={args.steps!r} with --lr_schedule {lr_schedule}: a curve read off one run equals shorter runs "
             "only at a constant lr; run each budget separately (one --steps value per compare)"
+        )
+    if len(steps) > 1 and lr_schedule != "constant":
+        print(
+            f"--steps {args.steps}: every run at a constant lr (a curve read off one run equals shorter runs only "
+            f"then; `--lr_schedule auto` decays DL-QAT's lr from {COSINE_FROM_STEPS} steps: compare one budget for it)"
         )
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -85,6 +85,12 @@ def run_settings(method: str, method_config: dict, train_config: dict) -> dict:
     return {"method": method, "method_config": method_config, "train_config": train_config}
 
 
+def run_schedule(settings: dict | None) -> str | None:
+    """The lr schedule in a run's settings (``run_settings``; one from before ``lr_schedule`` existed ran at a
+    constant lr), or None without settings."""
+    return settings["train_config"].get("lr_schedule", ADDED_SETTINGS["lr_schedule"]) if settings else None
+
+
 def check_same_run(saved: dict | None, current: dict, ckpt: Path) -> None:
     """Refuse a resume whose settings differ from the checkpoint's, naming each differing field."""
     if saved is None:
@@ -92,7 +98,7 @@ def check_same_run(saved: dict | None, current: dict, ckpt: Path) -> None:
     diffs = []
     if saved["method"] != current["method"]:
         diffs.append(f"method: {saved['method']!r} -> {current['method']!r}")
-    schedule = current["train_config"].get("lr_schedule", ADDED_SETTINGS["lr_schedule"])
+    schedule = run_schedule(current)
     for part in ("method_config", "train_config"):
         new = current[part]
         old = {**{k: v for k, v in ADDED_SETTINGS.items() if k in new}, **saved[part]}

@@ -43,6 +43,7 @@ from dlqat.run_folder import (
     discard_run,
     load_checkpoint,
     prepare_run_folder,
+    run_schedule,
     run_settings,
     truncate_log,
 )
@@ -85,7 +86,6 @@ def fit(
 def _setup(method_cfg, cfg, model, tokenizer, data) -> Run:
     """Check the run folder and checkpoint first (nothing is loaded or written for a refused run), then
     load, then write ``run_config.json``, then evaluate float and prepare the method's layers."""
-    method_cfg, cfg = resolve_defaults(method_cfg, cfg)
     if cfg.curve_steps and not handler(method_cfg).trains_final_forward(method_cfg):
         raise ValueError(
             f"eval_at={cfg.eval_at!r} with method {method_cfg.name!r}: the model it trains is quantized only "
@@ -94,8 +94,12 @@ def _setup(method_cfg, cfg, model, tokenizer, data) -> Run:
         )
     out = Path(cfg.output_dir)
     prepare_run_folder(out, cfg.resume, cfg.overwrite)
-    settings = run_settings(method_cfg.name, method_cfg.to_dict(), asdict(cfg))
     ckpt = load_checkpoint(out / CHECKPOINT) if cfg.resume else None
+    given_schedule = cfg.lr_schedule
+    method_cfg, cfg = resolve_defaults(method_cfg, cfg, run_schedule(ckpt.get("settings") if ckpt else None))
+    if given_schedule == "auto":
+        log.info("lr schedule: %s (--lr_schedule auto%s)", cfg.lr_schedule, ", the resumed run's" if ckpt else "")
+    settings = run_settings(method_cfg.name, method_cfg.to_dict(), asdict(cfg))
     if ckpt:
         check_same_run(ckpt.get("settings"), settings, out / CHECKPOINT)
     run = Run(method_cfg, cfg, handler(method_cfg), _accelerator(cfg), settings, ckpt)

@@ -6,7 +6,8 @@ from dataclasses import dataclass, field, fields, replace
 from typing import TypeVar
 
 from dlqat.losses import LOSSES
-from dlqat.methods import QuantMethodConfig
+from dlqat.methods import QuantMethodConfig, handler
+from dlqat.methods.dl_qat import COSINE_FROM_STEPS
 from dlqat.schedules import LR_SCHEDULES
 
 M = TypeVar("M", bound=QuantMethodConfig)
@@ -63,11 +64,12 @@ class TrainConfig:
     )
     max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping norm (0 = off)"})
     lr_schedule: str = field(
-        default="constant",
+        default="auto",
         metadata={
             "help": "learning rate within each phase: constant (the paper's; its runs may grow on --resume and "
             "their curve points equal shorter runs), or cosine/linear decay from the phase's lr toward 0 at its "
-            "last step (measured: cosine better at 200 steps, worse at 40)"
+            f"last step; auto: cosine for DL-QAT runs of {COSINE_FROM_STEPS} steps or more (measured: worse at 40 "
+            "steps, level at 80-120, better from 200), constant otherwise; on --resume, the run's own schedule"
         },
     )
     warmup_steps: int = field(
@@ -141,8 +143,8 @@ class TrainConfig:
                 raise ValueError(f"{name}={value!r}: expected 2..8 bits or unset (per-token codes are int8 at most)")
         if self.warmup_steps < 0:
             raise ValueError(f"warmup_steps={self.warmup_steps!r}: expected 0 or a positive integer")
-        if self.lr_schedule not in LR_SCHEDULES:
-            raise ValueError(f"lr_schedule={self.lr_schedule!r}: expected one of {', '.join(LR_SCHEDULES)}")
+        if self.lr_schedule not in (*LR_SCHEDULES, "auto"):
+            raise ValueError(f"lr_schedule={self.lr_schedule!r}: expected auto or one of {', '.join(LR_SCHEDULES)}")
         if self.loss not in (*LOSSES, "auto"):
             raise ValueError(f"loss={self.loss!r}: expected auto or one of {', '.join(LOSSES)}")
         if not self.kd_temperature > 0:
@@ -171,18 +173,21 @@ class TrainConfig:
         return self.model is None and self.data is None
 
 
-def resolve_defaults(method_cfg: M, cfg: TrainConfig) -> tuple[M, TrainConfig]:
-    """Copies of both configs with the ``None`` (auto) settings filled: the full-run values, or the
-    short demo's. A DL-QAT setting without a range-only phase (dynamic, joint) gets the whole budget
-    in phase 2, so every setting of the ablation grid trains equally long."""
+def resolve_defaults(method_cfg: M, cfg: TrainConfig, resumed_schedule: str | None = None) -> tuple[M, TrainConfig]:
+    """Copies of both configs with the ``None`` and ``auto`` settings filled: the full-run values, or the
+    short demo's; the method's loss and (for the filled step counts) its schedule. A DL-QAT setting
+    without a range-only phase (dynamic, joint) gets the whole budget in phase 2, so every setting of the
+    ablation grid trains equally long. ``resumed_schedule``: the schedule of the run being resumed, which
+    ``auto`` keeps (a constant-lr run grown on resume stays constant rather than being refused)."""
     defaults = dict(DEMO_DEFAULTS if cfg.is_demo else RUN_DEFAULTS)
     if getattr(method_cfg, "clip_mode", None) in ("dynamic", "joint"):
         defaults.update(phase1_steps=0, phase2_steps=defaults["phase1_steps"] + defaults["phase2_steps"])
+    method_cfg, cfg = _filled(method_cfg, defaults), _filled(cfg, defaults)
     if cfg.loss == "auto":
-        from dlqat.methods import handler
-
         cfg = replace(cfg, loss=handler(method_cfg).default_loss(method_cfg))
-    return _filled(method_cfg, defaults), _filled(cfg, defaults)
+    if cfg.lr_schedule == "auto":
+        cfg = replace(cfg, lr_schedule=resumed_schedule or handler(method_cfg).default_lr_schedule(method_cfg))
+    return method_cfg, cfg
 
 
 def _filled(config: C, defaults: dict) -> C:

@@ -10,9 +10,10 @@ method means writing a config dataclass and a handler, and decorating the handle
         def phases(self, cfg, layer_names): ...     # what trains, how long, at which learning rate
 
 ``calibrate`` (a data-dependent start, e.g. from GPTQ), ``finalize`` (post-training steps such as GPTQ),
-``starts_at`` (which named PTQ result the prepared, untrained model equals, evaluated as a reference
-row), ``float_teacher`` (whether the layers keep the float weight to distil from) and
-``trains_final_forward`` (whether a mid-run evaluation is the low-bit model's) have defaults.
+``default_loss`` and ``default_lr_schedule`` (what ``--loss auto`` and ``--lr_schedule auto`` mean),
+``starts_at`` (which named PTQ result the prepared, untrained model equals, evaluated as a reference row),
+``float_teacher`` (whether the layers keep the float weight to distil from) and ``trains_final_forward``
+(whether a mid-run evaluation is the low-bit model's) have defaults.
 """
 
 from __future__ import annotations
@@ -51,6 +52,11 @@ class QuantMethod:
         """The loss ``--loss auto`` means for this method (``kd`` where distilling from the float model
         helps; ``ce`` where there is no float teacher in the model or the student starts equal to it)."""
         return "ce"
+
+    def default_lr_schedule(self, cfg: QuantMethodConfig) -> str:
+        """The schedule ``--lr_schedule auto`` means for ``cfg`` (its step counts filled): constant, the
+        published methods' own, unless a method has measured better."""
+        return "constant"
 
     def float_teacher(self, cfg: QuantMethodConfig) -> bool:
         """Whether the prepared layers keep the frozen float weight, so that switching their quantizers
