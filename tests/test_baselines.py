@@ -363,7 +363,7 @@ def test_compare_refuses_settings_it_cannot_run(tmp_path, capsys, flag, value, e
 def test_compare_pins_a_constant_lr_for_curves_only():
     """A curve is read off one run, so ``auto`` (given or not) is pinned to constant for every method whose
     preset does not set the schedule itself (a flag repeating a preset's setting is refused); one budget
-    leaves ``auto`` to each run (DL-QAT then decays its lr from 120 steps)."""
+    leaves ``auto`` to each run (DL-QAT then decays its lr from COSINE_FROM_STEPS)."""
     pinned = ["--lr_schedule", "constant"]
     assert curve_schedule_flags("dl_qat", [40, 120], []) == pinned
     assert curve_schedule_flags("l4q", [40, 120], ["--lr-schedule", "auto"]) == pinned
