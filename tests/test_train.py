@@ -10,12 +10,14 @@ import subprocess
 import sys
 from dataclasses import replace
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
 from conftest import tiny_args, tiny_configs, tiny_eval_args
+from dlqat import loop
 from dlqat.cli import main, parse_train_args
 from dlqat.fileio import RefusedError
 from dlqat.layers import QuantLoRALinear
@@ -110,13 +112,21 @@ def test_finished_run_resumed_with_a_longer_last_phase_equals_the_longer_run(
     """Curves that span sessions: a finished 3+8-step run, resumed with --phase2_steps 12, ends exactly
     like a 3+12-step run (constant learning rate, data order fixed by seed and step); shrinking is refused.
     The grown run is planned with ``--lr_schedule auto``, which would decay a fresh 15-step run here: on
-    resume auto keeps the run's own (constant) schedule instead of refusing the growth."""
+    resume auto keeps the run's own (constant) schedule instead of refusing the growth. The grown run's time per
+    step is the whole run's (a clock that ticks 1 s per step in the first session, 3 s in the second), not the
+    continuation's."""
     monkeypatch.setattr(dl_qat, "COSINE_FROM_STEPS", 12)
     configs = lambda out, **more: tiny_configs(tiny_model_dir, text_file, out, **more)
     train(*configs(tmp_path / "long", phase2_steps=12, lr_schedule="constant"))
-    train(*configs(tmp_path / "grown", phase2_steps=8))
+
+    # loop.py reads the clock at the start and the end of each step: each step lasts 1 s, then 3 s
+    monkeypatch.setattr(loop, "time", SimpleNamespace(perf_counter=iter([0.0, 1.0] * 11).__next__))
+    first = train(*configs(tmp_path / "grown", phase2_steps=8))
+    assert first["seconds_per_step"] == 1.0
     assert json.loads((tmp_path / "grown" / "run_config.json").read_text())["train_config"]["lr_schedule"] == "constant"
-    train(*configs(tmp_path / "grown", phase2_steps=12, resume=True))
+    monkeypatch.setattr(loop, "time", SimpleNamespace(perf_counter=iter([0.0, 3.0] * 4).__next__))
+    grown_results = train(*configs(tmp_path / "grown", phase2_steps=12, resume=True))
+    assert grown_results["seconds_per_step"] == pytest.approx((11 * 1.0 + 4 * 3.0) / 15)
     assert json.loads((tmp_path / "grown" / "run_config.json").read_text())["train_config"]["lr_schedule"] == "constant"
     long = load_file(tmp_path / "long" / "quant_state.safetensors")
     grown = load_file(tmp_path / "grown" / "quant_state.safetensors")

@@ -42,11 +42,21 @@ def batches(examples: list[Example], cfg: TrainConfig, pad_id: int, start: int, 
 
 
 class Checkpointer:
-    """Writes ``checkpoint.pt`` (gathered on every rank, written by the main one) every ``save_every`` steps."""
+    """Writes ``checkpoint.pt`` (gathered on every rank, written by the main one) every ``save_every`` steps.
+    It also carries the seconds the saved steps took, so a resumed or grown run reports the time per step of
+    the whole run, not only of its last session (None: resumed from a checkpoint that did not record them)."""
 
-    def __init__(self, accelerator: Accelerator, path: Path, schedule: list[Phase], results: dict, settings: dict):
+    def __init__(
+        self, accelerator: Accelerator, path: Path, schedule: list[Phase], results: dict, settings: dict,
+        train_seconds: float | None = 0.0,
+    ):  # fmt: skip
         self.accelerator, self.path, self.schedule = accelerator, path, schedule
         self.results, self.settings = results, settings
+        self.train_seconds = train_seconds
+
+    def add_step_time(self, seconds: float) -> None:
+        if self.train_seconds is not None:
+            self.train_seconds += seconds
 
     def save(self, model, optimizer, step: int, phase: Phase) -> None:
         self.accelerator.wait_for_everyone()
@@ -59,6 +69,7 @@ class Checkpointer:
             "optimizer_layout": optimizer_layout(self.accelerator),
             "results": self.results,
             "settings": self.settings,
+            "train_seconds": self.train_seconds,
         }
         if self.accelerator.is_main_process:
             save_checkpoint(state, self.path)
@@ -108,6 +119,7 @@ def run_phases(
                     )
                 step += 1
                 step_times.append(time.perf_counter() - t0)
+                checkpointer.add_step_time(step_times[-1])
                 tok_s = n_tokens / step_times[-1]
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tok_s:.0f}")

@@ -79,8 +79,8 @@ def fit(
         with ``checkpoint.pt``, ``train_log.jsonl``, ``quant_state.safetensors`` and ``quantized/``.
     """
     run = _setup(method_cfg, cfg, model, tokenizer, data)
-    model, step_times = _train_phases(run)
-    return _finish(run, model, step_times)
+    model, seconds_per_step = _train_phases(run)
+    return _finish(run, model, seconds_per_step)
 
 
 def _setup(method_cfg, cfg, model, tokenizer, data) -> Run:
@@ -238,19 +238,27 @@ def _prepare(run: Run) -> None:
         log.info("%s trains %s parameters (%.2f%% of the model)", name, f"{count:,}", 100 * count / base_params)
 
 
-def _train_phases(run: Run) -> tuple[torch.nn.Module, list[float]]:
+def _train_phases(run: Run) -> tuple[torch.nn.Module, float | None]:
+    """Train; the (wrapped) model and the mean seconds per optimizer step over the whole run (a resumed run's
+    earlier sessions included where its checkpoint recorded them, else this session's steps)."""
     step = run.ckpt["step"] if run.ckpt else 0
     data = batches(run.examples, run.cfg, run.tokenizer.pad_token_id, step * run.cfg.grad_accum, run.accelerator)
     objective = Objective(run.model, run.cfg.loss, run.cfg.kd_temperature, run.teacher)
-    checkpointer = Checkpointer(run.accelerator, run.out / CHECKPOINT, run.schedule, run.results, run.settings)
+    checkpointer = Checkpointer(run.accelerator, run.out / CHECKPOINT, run.schedule, run.results, run.settings,
+                                run.ckpt.get("train_seconds") if run.ckpt else 0.0)  # fmt: skip
     try:
-        return run_phases(run.accelerator, run.model, run.schedule, step, data, objective, run.cfg, checkpointer,
-                          run.out / LOG_FILE, run.ckpt, lambda model, step: curve_point(run, model, step))  # fmt: skip
+        model, step_times = run_phases(run.accelerator, run.model, run.schedule, step, data, objective, run.cfg,
+                                       checkpointer, run.out / LOG_FILE, run.ckpt,
+                                       lambda model, step: curve_point(run, model, step))  # fmt: skip
     finally:
         objective.remove()
+    steps = sum(p.steps for p in run.schedule)
+    if checkpointer.train_seconds is not None and steps:
+        return model, checkpointer.train_seconds / steps
+    return model, sum(step_times) / len(step_times) if step_times else None
 
 
-def _finish(run: Run, model: torch.nn.Module, step_times: list[float]) -> dict:
+def _finish(run: Run, model: torch.nn.Module, seconds_per_step: float | None) -> dict:
     """Finalize, convert to codes, save and evaluate the low-bit model (on the main process)."""
     model = run.accelerator.unwrap_model(model)
     trained = quant_state(model, run.schedule)
@@ -272,7 +280,7 @@ def _finish(run: Run, model: torch.nn.Module, step_times: list[float]) -> dict:
             "act_bits": run.cfg.act_bits, "kv_bits": run.cfg.kv_bits, "rank": getattr(run.method_cfg, "rank", None),
             "steps": sum(p.steps for p in run.schedule), "loss": run.cfg.loss,
         }  # fmt: skip
-        run.results["seconds_per_step"] = sum(step_times) / len(step_times) if step_times else None
+        run.results["seconds_per_step"] = seconds_per_step
         run.results["peak_memory_mb"] = _peak_memory_mb()
         write_results(run.results, run.out)
     run.accelerator.wait_for_everyone()
