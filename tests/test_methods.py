@@ -97,12 +97,26 @@ def test_trainable_count_counts_tied_weights_once():
         ("phase1_steps", -1),
         ("lr", 0.0),
         ("alpha", -1.0),
+        ("magnitude_lr", 0.0),
     ],
 )
 def test_config_errors_name_field_and_value(field, value):
     with pytest.raises(ValueError, match=field) as err:
         DLQATConfig(**{field: value})
     assert repr(value) in str(err.value)
+
+
+@pytest.mark.parametrize("magnitude_lr,expected", [(None, 2e-3), (5e-3, 5e-3)])
+def test_magnitude_lr_applies_to_m_alone(magnitude_lr, expected):
+    """m gets its own phase-2 lr when given (else --lr); A, B keep --lr, and the optimizer really uses both."""
+    model = tiny_model("llama")
+    cfg = DLQATConfig(group_size=32, rank=4, phase1_steps=0, phase2_steps=1, lr=2e-3, magnitude_lr=magnitude_lr)
+    prepare(model, cfg)
+    (phase,) = phases(cfg)
+    set_trainable(model, phase.trains)
+    names = {id(p): n.rsplit(".", 1)[-1] for n, p in model.named_parameters()}
+    lrs = {names[id(p)]: g["lr"] for g in phase.param_groups(model) for p in g["params"]}
+    assert lrs == {"lora_a": 2e-3, "lora_b": 2e-3, "magnitude": expected}
 
 
 def test_weight_decay_never_touches_the_quantizer_parameters():

@@ -58,7 +58,7 @@ class QuantMethodConfig:
                 )
             if name == "grid" and value not in GRIDS:
                 raise ValueError(f"grid={value!r}: expected one of {', '.join(GRIDS)}")
-            if name in ("alpha", "lr", "quant_lr") and value <= 0:
+            if name in ("alpha", "lr", "quant_lr", "magnitude_lr") and value is not None and value <= 0:
                 raise ValueError(f"{name}={value!r}: expected a positive number")
             if name.endswith("steps") and value is not None and value < 0:
                 raise ValueError(f"{name}={value!r}: expected a non-negative integer")

@@ -61,6 +61,14 @@ class DLQATConfig(QuantMethodConfig, StorageFields):
         default=1e-4,
         metadata={"help": "phase-1 learning rate for scale/offset (and theirs in phase 2 with clip_mode=joint)"},
     )
+    magnitude_lr: float | None = field(
+        default=None,
+        metadata={
+            "help": "phase-2 learning rate for the magnitude m (default: --lr). m is relative (x1 at init), so its "
+            "step means the same on every model, while a LoRA step is absolute: on a model with small weights "
+            "(Gemma-3's are ~5x smaller than SmolLM2's) --lr must be lower for A, B but not for m (README)"
+        },
+    )
 
     def __post_init__(self) -> None:
         if self.clip_mode not in _CLIP_MODES:
@@ -137,8 +145,10 @@ class DLQAT(GPTQStart, QuantMethod):
         schedule = []
         if clip is ClipMode.LEARN_THEN_FIX and cfg.phase1_steps:
             schedule.append(Phase("phase1: scale/offset", cfg.phase1_steps, cfg.quant_lr, param_of("scale", "offset")))
-        quant_lrs = {"scale": cfg.quant_lr, "offset": cfg.quant_lr} if clip is ClipMode.JOINT else {}
-        schedule.append(Phase("phase2: " + "/".join(phase2), cfg.phase2_steps, cfg.lr, param_of(*phase2), quant_lrs))
+        phase2_lrs = {"scale": cfg.quant_lr, "offset": cfg.quant_lr} if clip is ClipMode.JOINT else {}
+        if cfg.use_magnitude and cfg.magnitude_lr is not None:
+            phase2_lrs["magnitude"] = cfg.magnitude_lr
+        schedule.append(Phase("phase2: " + "/".join(phase2), cfg.phase2_steps, cfg.lr, param_of(*phase2), phase2_lrs))
         return schedule
 
     def default_loss(self, cfg: QuantMethodConfig) -> str:
