@@ -1,6 +1,10 @@
 """One filter-driven layer swap over several architectures' module layouts."""
 
+import importlib.util
+from pathlib import Path
+
 import pytest
+import torch
 from torch import nn
 
 from conftest import tiny_model
@@ -42,3 +46,29 @@ def test_filter_errors_name_the_problem():
         name_filter("(unclosed")
     with pytest.raises(ValueError, match="no linear layer matched"):
         prepare(tiny_model("llama"), DLQATConfig(target_modules="nothing_here"))
+
+
+def test_weight_scale_bench_measures_rms_and_group_step():
+    """bench/weight_scale.py: per projection kind, the weight RMS and the min/max grid's median step, checked
+    on a model whose weights are all one known matrix, and halving the weights halves both."""
+    path = Path(__file__).parents[1] / "bench" / "weight_scale.py"
+    spec = importlib.util.spec_from_file_location("weight_scale", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    model = tiny_model("llama")
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, nn.Linear):  # each row 0, 1, ..., in-1: every group of 32 spans 31 (step 31/15)
+                module.weight.copy_(torch.arange(module.in_features, dtype=torch.float32).expand_as(module.weight))
+    scales = bench.weight_scales(model, n_bits=4, group_size=32)
+    assert set(scales) == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+    for kind, (rms, step) in scales.items():
+        in_features = next(m for n, m in model.named_modules() if n.endswith(kind)).in_features
+        expected_rms = torch.arange(in_features, dtype=torch.float64).pow(2).mean().sqrt().item()
+        assert rms == pytest.approx(expected_rms) and step == pytest.approx(31 / 15), kind
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, nn.Linear):
+                module.weight.mul_(0.5)
+    halved = bench.weight_scales(model, n_bits=4, group_size=32)
+    assert all(halved[k] == pytest.approx((rms / 2, step / 2)) for k, (rms, step) in scales.items())
