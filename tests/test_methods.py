@@ -108,7 +108,8 @@ def test_config_errors_name_field_and_value(field, value):
 
 @pytest.mark.parametrize("magnitude_lr,expected", [(None, 2e-3), (5e-3, 5e-3)])
 def test_magnitude_lr_applies_to_m_alone(magnitude_lr, expected):
-    """m gets its own phase-2 lr when given (else --lr); A, B keep --lr, and the optimizer really uses both."""
+    """m gets its own phase-2 lr when given (else --lr) in the groups the optimizer is built from; A, B keep
+    --lr. Without m to train the setting is refused, not ignored."""
     model = tiny_model("llama")
     cfg = DLQATConfig(group_size=32, rank=4, phase1_steps=0, phase2_steps=1, lr=2e-3, magnitude_lr=magnitude_lr)
     prepare(model, cfg)
@@ -117,6 +118,8 @@ def test_magnitude_lr_applies_to_m_alone(magnitude_lr, expected):
     names = {id(p): n.rsplit(".", 1)[-1] for n, p in model.named_parameters()}
     lrs = {names[id(p)]: g["lr"] for g in phase.param_groups(model) for p in g["params"]}
     assert lrs == {"lora_a": 2e-3, "lora_b": 2e-3, "magnitude": expected}
+    with pytest.raises(ValueError, match="magnitude_lr=0.005: use_magnitude=False"):
+        DLQATConfig(use_magnitude=False, magnitude_lr=5e-3)
 
 
 def test_weight_decay_never_touches_the_quantizer_parameters():

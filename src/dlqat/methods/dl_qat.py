@@ -66,7 +66,8 @@ class DLQATConfig(QuantMethodConfig, StorageFields):
         metadata={
             "help": "phase-2 learning rate for the magnitude m (default: --lr). m is relative (x1 at init), so its "
             "step means the same on every model, while a LoRA step is absolute: on a model with small weights "
-            "(Gemma-3's are ~5x smaller than SmolLM2's) --lr must be lower for A, B but not for m (README)"
+            "(Gemma-3's W4 grid steps are 5-12x SmolLM2's, bench/weight_scale.py) --lr must be lower for A, B "
+            "but not for m (README)"
         },
     )
 
@@ -78,6 +79,8 @@ class DLQATConfig(QuantMethodConfig, StorageFields):
             self.init = "minmax" if dynamic else default_init(self.n_bits, self.zero_point)
         if dynamic and self.init != "minmax":
             raise ValueError(f"init={self.init!r}: clip_mode=dynamic recomputes min/max every step; use init=minmax")
+        if self.magnitude_lr is not None and not self.use_magnitude:
+            raise ValueError(f"magnitude_lr={self.magnitude_lr!r}: use_magnitude=False trains no magnitude m")
         if self.clip_mode != ClipMode.LEARN_THEN_FIX.value and self.phase1_steps:
             raise ValueError(
                 f"phase1_steps={self.phase1_steps}: clip_mode={self.clip_mode} has no range-only phase 1 "
