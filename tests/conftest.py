@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import random
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 import torch
@@ -77,6 +79,14 @@ ARCHS = {
 
 def tiny_model(arch: str = "llama") -> torch.nn.Module:
     return ARCHS[arch]().eval()
+
+
+def load_bench(name: str) -> ModuleType:
+    """A ``bench/`` script as a module (bench scripts are not a package), for testing its functions."""
+    spec = importlib.util.spec_from_file_location(name, Path(__file__).parents[1] / "bench" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def converted_tiny_model(model_dir: Path, **method) -> torch.nn.Module:

@@ -1,13 +1,10 @@
 """One filter-driven layer swap over several architectures' module layouts."""
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 import torch
 from torch import nn
 
-from conftest import tiny_model
+from conftest import load_bench, tiny_model
 from dlqat import DLQATConfig, prepare
 from dlqat.layers import QuantLoRALinear
 from dlqat.surgery import name_filter, replace_linears
@@ -51,10 +48,7 @@ def test_filter_errors_name_the_problem():
 def test_weight_scale_bench_measures_rms_and_group_step():
     """bench/weight_scale.py: per projection kind, the weight RMS and the min/max grid's median step, checked
     on a model whose weights are all one known matrix, and halving the weights halves both."""
-    path = Path(__file__).parents[1] / "bench" / "weight_scale.py"
-    spec = importlib.util.spec_from_file_location("weight_scale", path)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_bench("weight_scale")
     model = tiny_model("llama")
     with torch.no_grad():
         for module in model.modules():

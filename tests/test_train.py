@@ -1,6 +1,5 @@
 """The training loop on a tiny local Llama: the loss falls, a killed run resumes exactly, the CLI works."""
 
-import importlib.util
 import json
 import logging
 import math
@@ -16,7 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import tiny_args, tiny_configs, tiny_eval_args
+from conftest import load_bench, tiny_args, tiny_configs, tiny_eval_args
 from dlqat import loop
 from dlqat.cli import main, parse_train_args
 from dlqat.fileio import RefusedError
@@ -305,9 +304,7 @@ def test_eval_at_writes_a_curve_on_every_text(tiny_model_dir, text_file, tmp_pat
     # the last curve point is the trained model before conversion: the export computes the same
     assert rows[-1]["perplexity"] == pytest.approx(by_text["other.txt"]["dl_qat"], rel=1e-6)
     # bench/plot_curve.py draws the untrained start it names from the run's settings (default init: mse)
-    spec = importlib.util.spec_from_file_location("plot_curve", Path(__file__).parents[1] / "bench" / "plot_curve.py")
-    plot_curve = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(plot_curve)
+    plot_curve = load_bench("plot_curve")
     assert plot_curve.start_label(tmp_path / "run") == "rtn-mse"
     assert plot_curve.perplexities(tmp_path / "run", "rtn-mse") == {t: by_text[t]["rtn-mse"] for t in by_text}
     # a second seed with the same start shares one reference line; a different start gets its own
