@@ -149,7 +149,7 @@ class DLQAT(GPTQStart, QuantMethod):
         if clip is ClipMode.LEARN_THEN_FIX and cfg.phase1_steps:
             schedule.append(Phase("phase1: scale/offset", cfg.phase1_steps, cfg.quant_lr, param_of("scale", "offset")))
         phase2_lrs = {"scale": cfg.quant_lr, "offset": cfg.quant_lr} if clip is ClipMode.JOINT else {}
-        if cfg.use_magnitude and cfg.magnitude_lr is not None:
+        if cfg.magnitude_lr is not None:  # only with use_magnitude (__post_init__)
             phase2_lrs["magnitude"] = cfg.magnitude_lr
         schedule.append(Phase("phase2: " + "/".join(phase2), cfg.phase2_steps, cfg.lr, param_of(*phase2), phase2_lrs))
         return schedule
