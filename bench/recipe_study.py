@@ -97,6 +97,7 @@ def run_recipe(name: str, args: argparse.Namespace, runs: Path) -> dict:
     model = args.model or str(resources.default_gguf())
     flags = [model if flag == "EMBEDDED" else flag for flag in RECIPES[name]]
     flags += ["--model", args.model] if args.model else []
+    flags += ["--start_cache", args.start_cache] if args.start_cache and name not in UNTRAINED else []
     if name in UNTRAINED:
         steps = []
     elif "--method" in flags:
@@ -161,6 +162,7 @@ def main() -> None:
     parser.add_argument("--windows", type=int, default=16, help="512-token windows per domain")
     parser.add_argument("--recipes", default="paper,ce-lr1e-3,kd-lr1e-3")
     parser.add_argument("--model", default=None, help="hub id, folder or .gguf (default: the embedded SmolLM2-135M)")
+    parser.add_argument("--start_cache", default=None, help="dlqat train --start_cache: GPTQ starts calibrated once")
     parser.add_argument("--out", required=True, help="folder for table.md and rows.json (committed)")
     parser.add_argument("--runs", default=None, help="folder for the run folders (default runs/study/<out name>)")
     args = parser.parse_args()

@@ -37,6 +37,7 @@ ARTEFACTS = (
 # folder may have been moved.
 RESUME_MAY_CHANGE = (
     "save_every", "progress", "compile", "gradient_checkpointing", "output_dir", "eval_at", "curve_eval_data",
+    "start_cache",
 )  # fmt: skip
 _NOT_SETTINGS = ("resume", "overwrite")
 # The step count of a method's last phase may grow on resume: with a constant learning rate and a data

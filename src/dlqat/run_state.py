@@ -40,6 +40,7 @@ class Run:
     results: dict = field(default_factory=lambda: {"perplexity": {}})
     names: list[str] = field(default_factory=list)
     schedule: list[Phase] = field(default_factory=list)
+    model_digest: str | None = None  # of the float weights (``--start_cache`` keys by it)
 
     @property
     def out(self) -> Path:

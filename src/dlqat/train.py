@@ -49,6 +49,7 @@ from dlqat.run_folder import (
 )
 from dlqat.run_state import Run, curve_point, evaluate
 from dlqat.sharding import is_fsdp, make_accelerator, optimizer_layout
+from dlqat.start_cache import cache_path, load_start, model_digest, save_start, start_key
 from dlqat.train_config import TrainConfig, resolve_defaults
 
 log = logging.getLogger(__name__)
@@ -213,6 +214,8 @@ def _prepare(run: Run) -> None:
     """Evaluate float, swap in the method's layers, evaluate the untrained start, restore a checkpoint."""
     evaluate(run, "float")
     base_params = count_parameters(run.model)[1]
+    if run.cfg.start_cache:  # before surgery: the weights the calibration starts from
+        run.model_digest = model_digest(run.model)
     run.names = run.method.prepare(run.model, run.method_cfg)
     set_act_quant(run.model, run.cfg.act_bits, run.cfg.kv_bits)
     start = run.method.starts_at(run.method_cfg)
@@ -220,7 +223,7 @@ def _prepare(run: Run) -> None:
     if start in ("rtn-mse", "gptq", "gptq-mse") and "rtn" not in run.results["perplexity"]:
         with minmax_ranges(run.model):
             evaluate(run, "rtn")
-    run.method.calibrate(run.model, run.method_cfg, run.names, _Calibration(run))
+    _calibrate(run, run.model)
     if start:  # e.g. DL-QAT: B = 0, m = 1, min/max scale/offset is exactly round-to-nearest
         evaluate(run, start)
     run.accelerator.wait_for_everyone()
@@ -236,6 +239,37 @@ def _prepare(run: Run) -> None:
     log.info("quantized %d linear layers of a %s-parameter model", len(run.names), f"{base_params:,}")
     for name, count in trainable.items():
         log.info("%s trains %s parameters (%.2f%% of the model)", name, f"{count:,}", 100 * count / base_params)
+
+
+def _calibrate(run: Run, model: torch.nn.Module) -> None:
+    """The method's data-dependent start (e.g. GPTQ); with ``--start_cache``, loaded from the cache where
+    an earlier run of the same model, data and quantizer saved it, else calibrated and saved there."""
+    method, cfg = run.method, run.method_cfg
+    expected = method.calibrated_state(model, cfg, run.names) if run.cfg.start_cache else {}
+    if not expected:
+        method.calibrate(model, cfg, run.names, _Calibration(run))
+        return
+    fields = {
+        "model": run.model_digest, "data": run.settings["data_fingerprint"], "start": method.starts_at(cfg),
+        "layer": type(model.get_submodule(run.names[0])).__name__, "layers": run.names, "n_bits": cfg.n_bits,
+        "group_size": cfg.group_size, "zero_point": getattr(cfg, "zero_point", None),
+        "qparam_dtype": getattr(cfg, "qparam_dtype", None), "device": run.accelerator.device.type,
+        "mixed_precision": str(run.accelerator.mixed_precision), "torch": torch.__version__,
+        "act_bits": run.cfg.act_bits, "kv_bits": run.cfg.kv_bits,  # the calibration forward quantizes with them
+    }  # fmt: skip
+    key = start_key(fields)
+    path = cache_path(run.cfg.start_cache, key)
+    state = load_start(path, key, expected)
+    if state is not None:
+        method.load_calibrated(model, cfg, run.names, state)
+        log.info("%s start: loaded from %s (no calibration)", fields["start"], path)
+        return
+    method.calibrate(model, cfg, run.names, _Calibration(run))
+    if run.main:
+        save_start(path, key, fields, method.calibrated_state(model, cfg, run.names))
+        log.info(
+            "%s start: saved to %s (a later run of this model, data and quantizer loads it)", fields["start"], path
+        )
 
 
 def _train_phases(run: Run) -> tuple[torch.nn.Module, float | None]:
@@ -336,7 +370,7 @@ def _rebuild(run: Run, trained: dict) -> torch.nn.Module:
     model.to(run.accelerator.device)
     run.method.prepare(model, run.method_cfg)
     set_act_quant(model, run.cfg.act_bits, run.cfg.kv_bits)
-    run.method.calibrate(model, run.method_cfg, run.names, _Calibration(run))  # e.g. the GPTQ base weights
+    _calibrate(run, model)  # e.g. the GPTQ base weights
     missing = set(trained) - set(model.state_dict())
     if missing:
         raise RuntimeError(f"rebuilding the trained model: no place for {sorted(missing)[:4]}")

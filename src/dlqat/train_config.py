@@ -125,6 +125,14 @@ class TrainConfig:
     curve_eval_data: str = field(
         default="", metadata={"help": "more held-out text files (comma-separated) for the eval_at points and the end"}
     )
+    start_cache: str | None = field(
+        default=None,
+        metadata={
+            "help": "folder that keeps calibrated GPTQ starts (--init gptq|gptq-mse, QA-LoRA --base gptq|gptq-mse): "
+            "a later run of the same model, data and quantizer loads its start instead of calibrating again "
+            "(an lr or seed sweep calibrates once)"
+        },
+    )
     progress: bool = field(default=True, metadata={"help": "show progress bars"})
 
     def __post_init__(self) -> None:

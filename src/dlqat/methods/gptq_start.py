@@ -38,6 +38,22 @@ class GPTQStart:
     def float_teacher(self, cfg) -> bool:
         return cfg.init not in GPTQ_INITS  # a GPTQ start replaces W0 by GPTQ's updated weight
 
+    def calibrated_state(self, model: nn.Module, cfg, layer_names: list[str]) -> dict[str, torch.Tensor]:
+        if cfg.init not in GPTQ_INITS:
+            return {}
+        state = {}
+        for name in layer_names:
+            layer = model.get_submodule(name)
+            for key, tensor in (("weight", layer.weight), ("quantizer.scale", layer.scale),
+                                ("quantizer.offset", layer.offset)):  # fmt: skip
+                state[f"{name}.{key}"] = tensor
+        return state
+
+    @torch.no_grad()
+    def load_calibrated(self, model: nn.Module, cfg, layer_names: list[str], state: dict[str, torch.Tensor]) -> None:
+        for key, tensor in self.calibrated_state(model, cfg, layer_names).items():
+            tensor.copy_(state[key].to(tensor.device, tensor.dtype))
+
 
 @torch.no_grad()
 def gptq_start(

@@ -85,5 +85,20 @@ class QALoRA(QuantMethod):
     def float_teacher(self, cfg: QALoRAConfig) -> bool:
         return False  # the frozen weight is stored as codes
 
+    def calibrated_state(self, model: nn.Module, cfg: QALoRAConfig, layer_names: list[str]) -> dict[str, torch.Tensor]:
+        if cfg.base not in GPTQ_INITS:
+            return {}
+        layers = {name: model.get_submodule(name) for name in layer_names}
+        return {
+            f"{name}.{key}": getattr(layer, key) for name, layer in layers.items() for key in ("q", "scale", "offset")
+        }
+
+    def load_calibrated(
+        self, model: nn.Module, cfg: QALoRAConfig, layer_names: list[str], state: dict[str, torch.Tensor]
+    ) -> None:
+        for name in layer_names:
+            layer = model.get_submodule(name)
+            layer.set_codes(*(state[f"{name}.{key}"].to(layer.q.device) for key in ("q", "scale", "offset")))
+
     def starts_at(self, cfg: QALoRAConfig) -> str:
         return cfg.base  # B = 0: the untrained model is the base (RTN, or GPTQ's model)

@@ -9,7 +9,8 @@ method means writing a config dataclass and a handler, and decorating the handle
         def prepare(self, model, cfg): ...          # swap layers in, return their names
         def phases(self, cfg, layer_names): ...     # what trains, how long, at which learning rate
 
-``calibrate`` (a data-dependent start, e.g. from GPTQ), ``finalize`` (post-training steps such as GPTQ),
+``calibrate`` (a data-dependent start, e.g. from GPTQ; with ``calibrated_state`` and ``load_calibrated``
+where it can be cached), ``finalize`` (post-training steps such as GPTQ),
 ``default_loss`` and ``default_lr_schedule`` (what ``--loss auto`` and ``--lr_schedule auto`` mean),
 ``starts_at`` (which named PTQ result the prepared, untrained model equals, evaluated as a reference row),
 ``float_teacher`` (whether the layers keep the float weight to distil from) and ``trains_final_forward``
@@ -42,6 +43,19 @@ class QuantMethod:
         self, model: nn.Module, cfg: QuantMethodConfig, layer_names: list[str], calibration: Sequence[torch.Tensor]
     ) -> None:
         """Data-dependent start after ``prepare`` (e.g. GPTQ's codes and ranges); default: none."""
+
+    def calibrated_state(
+        self, model: nn.Module, cfg: QuantMethodConfig, layer_names: list[str]
+    ) -> dict[str, torch.Tensor]:
+        """The tensors ``calibrate`` writes, by state-dict name (the model's own tensors, not copies), so that a
+        run can cache a calibrated start (``--start_cache``); empty where ``calibrate`` writes nothing."""
+        return {}
+
+    def load_calibrated(
+        self, model: nn.Module, cfg: QuantMethodConfig, layer_names: list[str], state: dict[str, torch.Tensor]
+    ) -> None:
+        """Instead of ``calibrate``: put a cached ``calibrated_state`` (same names, shapes, dtypes) in place."""
+        raise NotImplementedError(f"{type(self).__name__} writes no calibrated state to load")
 
     def finalize(
         self, model: nn.Module, cfg: QuantMethodConfig, layer_names: list[str], calibration: Sequence[torch.Tensor]

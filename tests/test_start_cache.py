@@ -1,0 +1,115 @@
+"""``--start_cache``: a calibrated GPTQ start saved once and loaded by later runs, bit for bit."""
+
+from __future__ import annotations
+
+import copy
+import logging
+from dataclasses import replace
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from conftest import tiny_configs, tiny_model
+from dlqat import calibrate, prepare
+from dlqat.methods import DLQATConfig, QALoRAConfig, handler
+from dlqat.start_cache import StartCacheError, load_start, model_digest, save_start, start_key
+from dlqat.train import fit
+
+
+@pytest.mark.parametrize(
+    "cfg",
+    [DLQATConfig(n_bits=3, group_size=32, rank=2, init="gptq-mse"),
+     QALoRAConfig(n_bits=3, group_size=32, rank=2, base="gptq")],
+    ids=["dl_qat-gptq-mse", "qa_lora-gptq"],
+)  # fmt: skip
+def test_loaded_start_equals_a_fresh_calibration(tmp_path, cfg):
+    """The handler's calibrated state, through a cache file and ``load_calibrated`` into a freshly prepared
+    copy, gives the calibrated model exactly: same tensors, same logits."""
+    model = tiny_model("llama")
+    loaded = copy.deepcopy(model)
+    batches = [torch.randint(0, 300, (1, 16)) for _ in range(4)]
+    names = prepare(model, cfg)
+    prepare(loaded, cfg)
+    calibrate(model, cfg, names, batches)
+    method = handler(cfg)
+    state = method.calibrated_state(model, cfg, names)
+    assert len(state) == 3 * len(names)
+    path = tmp_path / "start.safetensors"
+    save_start(path, "k", {"n_bits": 3}, state)
+    method.load_calibrated(loaded, cfg, names, load_start(path, "k", method.calibrated_state(loaded, cfg, names)))
+    for key, tensor in method.calibrated_state(loaded, cfg, names).items():
+        assert torch.equal(tensor, state[key]), key
+    ids = torch.randint(0, 300, (2, 16))
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, loaded(ids).logits)  # B = 0: the LoRA init adds nothing
+
+
+def test_no_state_to_cache_without_a_calibrated_start():
+    cfg = DLQATConfig(n_bits=3, group_size=32, rank=2, init="mse")
+    model = tiny_model("llama")
+    assert handler(cfg).calibrated_state(model, cfg, prepare(model, cfg)) == {}
+
+
+def test_a_run_loads_the_start_an_earlier_run_saved(tiny_model_dir, text_file, tmp_path, monkeypatch, caplog):
+    """A second run with another lr and seed finds the first run's start: it does not calibrate, and its
+    untrained start evaluates to the same perplexity; another bit width is another start (a second file)."""
+    cache = tmp_path / "starts"
+    method, cfg = tiny_configs(tiny_model_dir, text_file, tmp_path / "a", init="gptq", phase1_steps=1,
+                               phase2_steps=2, start_cache=str(cache))  # fmt: skip
+    first = fit(None, None, method, cfg)
+    files = list(cache.glob("*.safetensors"))
+    assert len(files) == 1
+
+    def no_calibration(*args, **kwargs):
+        raise AssertionError("calibrated although the start was cached")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(type(handler(method)), "calibrate", no_calibration)
+        with caplog.at_level(logging.INFO, logger="dlqat.train"):
+            second = fit(None, None, replace(method, lr=3e-3), replace(cfg, output_dir=str(tmp_path / "b"), seed=7))
+    assert "loaded from" in caplog.text and str(files[0]) in caplog.text
+    assert second["perplexity"]["gptq"] == first["perplexity"]["gptq"]
+    assert second["perplexity"]["dl_qat"] != first["perplexity"]["dl_qat"]  # it did train, differently
+
+    fit(None, None, replace(method, n_bits=2), replace(cfg, output_dir=str(tmp_path / "c")))
+    assert len(list(cache.glob("*.safetensors"))) == 2
+
+
+def test_start_key_and_digest_change_with_what_defines_the_start():
+    model = tiny_model("llama")
+    digest = model_digest(model)
+    assert model_digest(copy.deepcopy(model)) == digest
+    with torch.no_grad():
+        model.model.layers[0].mlp.down_proj.weight[0, 0] += 1e-3
+    assert model_digest(model) != digest
+    fields = {"model": digest, "n_bits": 3}
+    assert start_key(fields) == start_key(dict(fields)) != start_key({**fields, "n_bits": 2})
+
+
+def test_a_bad_cache_file_is_refused_naming_it(tmp_path):
+    expected = {"layer.weight": torch.zeros(4, 4)}
+    path = tmp_path / "k.safetensors"
+    assert load_start(path, "k", expected) is None  # no file: calibrate
+    path.write_bytes(b"not safetensors")
+    with pytest.raises(StartCacheError, match="k.safetensors.*not a readable start file"):
+        load_start(path, "k", expected)
+    save_file({"layer.weight": torch.zeros(4, 3)}, path, metadata={"key": "k"})
+    with pytest.raises(StartCacheError, match=r"layer.weight is \(4, 3\).*expected \(4, 4\)"):
+        load_start(path, "k", expected)
+    save_file({"other": torch.zeros(4, 4)}, path, metadata={"key": "k"})
+    with pytest.raises(StartCacheError, match="missing \\['layer.weight'\\]"):
+        load_start(path, "k", expected)
+    save_file({"layer.weight": torch.zeros(4, 4)}, path, metadata={"key": "other"})
+    with pytest.raises(StartCacheError, match="records key 'other'"):
+        load_start(path, "k", expected)
+
+
+def test_a_cache_path_that_is_a_file_is_refused(tiny_model_dir, text_file, tmp_path):
+    not_a_folder = tmp_path / "starts"
+    not_a_folder.write_text("mine")
+    method, cfg = tiny_configs(tiny_model_dir, text_file, tmp_path / "run", init="gptq", phase1_steps=1,
+                               phase2_steps=1, start_cache=str(not_a_folder))  # fmt: skip
+    with pytest.raises(StartCacheError, match="starts.*not a folder"):
+        fit(None, None, method, cfg)
+    assert not_a_folder.read_text() == "mine"
