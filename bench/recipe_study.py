@@ -73,6 +73,7 @@ RECIPES = {
     "kd-lr5e-4-gptqmse-p1-0": ["--loss", "kd", "--lr", "5e-4", "--quant_lr", "1e-4", "--init", "gptq-mse", "--teacher", "EMBEDDED", "--phase1_steps", "0"],
     "kd-lr2e-4-mse": ["--loss", "kd", "--lr", "2e-4", "--quant_lr", "1e-4", "--init", "mse"],
     "kd-lr2e-3-gptqmse-cos": ["--loss", "kd", "--lr", "2e-3", "--quant_lr", "1e-4", "--init", "gptq-mse", "--teacher", "EMBEDDED", "--lr_schedule", "cosine"],
+    "kd-lr2e-3-gptqmse-cos-joint": ["--loss", "kd", "--lr", "2e-3", "--quant_lr", "1e-4", "--init", "gptq-mse", "--teacher", "EMBEDDED", "--lr_schedule", "cosine", "--clip_mode", "joint"],
     "kd-lr2e-3-gptqmse-cos-p1-0": ["--loss", "kd", "--lr", "2e-3", "--quant_lr", "1e-4", "--init", "gptq-mse", "--teacher", "EMBEDDED", "--lr_schedule", "cosine", "--phase1_steps", "0"],
     "l4q-kd-lr2e-3-gptqmse-cos": ["--method", "l4q", "--loss", "kd", "--lr", "2e-3", "--quant_lr", "1e-4", "--init", "gptq-mse", "--teacher", "EMBEDDED", "--lr_schedule", "cosine"],
     "lora_gptq-mse": ["--method", "lora_gptq", "--grid", "mse"],
