@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import logging
 from pathlib import Path
 
 import torch
@@ -22,8 +21,6 @@ from safetensors.torch import save_file
 
 import dlqat
 from dlqat.fileio import atomic_write
-
-log = logging.getLogger(__name__)
 
 FORMAT = 1  # bump when what a cache file holds, or how a start is calibrated, changes
 
