@@ -111,6 +111,8 @@ def run_recipe(name: str, args: argparse.Namespace, runs: Path) -> dict:
         steps = ["--phase1_steps", str(args.phase1_steps), "--phase2_steps", str(args.phase2_steps)]
     if name not in UNTRAINED and "--lr_schedule" not in flags:
         flags += ["--lr_schedule", "constant"]  # a recipe without "-cos" ran at a constant lr, the default before auto
+    if "--method" not in flags and "--clip_mode" not in flags:  # a DL-QAT recipe without "-joint" ran so
+        flags += ["--clip_mode", "learn_then_fix"]  # (the default at every width before 2-bit joint)
     if not (run / "results.json").is_file():
         dlqat(
             "train", "--data", str(resources.default_train_text()), "--eval_data", str(domain_file("wiki")),

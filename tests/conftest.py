@@ -173,6 +173,7 @@ def tiny_configs(tiny_model_dir, text_file, out, **overrides):
         "lr": 1e-2,
         "quant_lr": 1e-3,
         "init": None,
+        "clip_mode": None,
     }
     run = {
         "model": str(tiny_model_dir),

@@ -11,7 +11,7 @@ from torch import nn
 from conftest import tiny_args, tiny_eval_args, tiny_model
 from dlqat import finalize, phases, prepare
 from dlqat.cli import main, parse_train_args
-from dlqat.compare import curve_schedule_flags
+from dlqat.compare import curve_schedule_flags, steps_flags
 from dlqat.export import convert
 from dlqat.layers import QuantizedLinear
 from dlqat.layers.qa_lora_linear import QALoRALinear
@@ -477,6 +477,38 @@ def test_default_start_is_the_measured_best_per_bit_width():
     assert make_config("dl_qat", n_bits=2, clip_mode="dynamic").init == "minmax"
     assert parse_train_args(["--preset", "paper", "--n_bits", "2"])[0].init == "minmax"
     assert parse_train_args(["--n_bits", "2"])[0].init == "gptq-mse"
+
+
+def test_default_clip_mode_is_joint_at_2_bits_only():
+    """Joint at 2 bits with float zero points (README, W2 section), learn-then-fix above; the phase-1 budget
+    follows: the defaulted run puts every step in phase 2, an explicit phase 1 is refused naming the way back."""
+    from dlqat.train_config import resolve_defaults
+
+    assert make_config("dl_qat", n_bits=2).clip_mode == "joint"
+    assert make_config("dl_qat", n_bits=3).clip_mode == make_config("dl_qat", n_bits=4).clip_mode == "learn_then_fix"
+    assert make_config("dl_qat", n_bits=2, zero_point="int").clip_mode == "learn_then_fix"
+    assert parse_train_args(["--preset", "dlqat-5", "--n_bits", "2"])[0].clip_mode == "learn_then_fix"
+    method, _ = resolve_defaults(*parse_train_args(["--n_bits", "2", "--data", "x.txt"]))
+    assert (method.phase1_steps, method.phase2_steps) == (0, 2000)
+    assert [p.name for p in phases(method, ["layer"])] == ["phase2: lora_a/lora_b/magnitude/scale/offset"]
+    with pytest.raises(ValueError, match=r"joint \(the default at 2 bits\).*--clip_mode learn_then_fix"):
+        make_config("dl_qat", n_bits=2, phase1_steps=8)
+    assert make_config("dl_qat", n_bits=2, phase1_steps=8, clip_mode="learn_then_fix").phase1_steps == 8
+
+
+def test_compare_splits_dl_qat_steps_by_the_clip_mode_the_run_gets():
+    assert steps_flags("dl_qat", [40], 3, []) == ["--phase1_steps", "8", "--phase2_steps", "32"]
+    assert steps_flags("dl_qat", [40, 120], 2, []) == [
+        "--phase1_steps", "0", "--phase2_steps", "120", "--eval_at", "40,120",
+    ]  # fmt: skip
+    for method, extra in [
+        ("dl_qat", ["--clip_mode", "learn_then_fix"]),
+        ("dl_qat:dlqat-5", []),
+        ("dl_qat", ["--zero_point", "int"]),
+    ]:
+        assert steps_flags(method, [40], 2, extra)[:2] == ["--phase1_steps", "8"], (method, extra)
+    assert steps_flags("dl_qat", [40], 3, ["--clip-mode", "joint"])[:2] == ["--phase1_steps", "0"]
+    assert steps_flags("l4q", [40], 2, []) == ["--steps", "40"]
 
 
 def test_a_teacher_with_another_vocabulary_is_refused(tiny_model_dir, text_file, tmp_path):

@@ -20,7 +20,7 @@ from dlqat.train import train
 def common(model, data, phase2_steps=4, loss="kd"):
     # kd at 2 bits: the student is far enough from its float teacher that the gradients stand well above
     # float noise (at 4 bits the tiny model's KL starts near 0 and Adam would amplify rounding noise)
-    bits = ["--n_bits", "2"] if loss == "kd" else []
+    bits = ["--n_bits", "2", "--clip_mode", "learn_then_fix"] if loss == "kd" else []  # the settings tuned on
     return [
         *bits,
         "--init",

@@ -11,7 +11,8 @@ it at each listed step (``--eval_at``), on ``--eval_data`` and every ``--curve_e
 ``OUT/curves.{md,png}``, perplexity against optimizer steps, one line per method. With a constant
 learning rate (pinned for curves; ``--lr_schedule auto`` would decay DL-QAT's from ``COSINE_FROM_STEPS``)
 and a fixed data order, the model at step 40 of that run is the model a 40-step run ends with (DL-QAT's
-phase 1 is fixed at a fifth of the *first* point, so every point has the same phase 1). A method whose
+phase 1 is fixed at a fifth of the *first* point, so every point has the same phase 1; at 2 bits, where its
+default ``--clip_mode joint`` has no phase 1, every step is phase 2). A method whose
 trained model is quantized only after training (LoRA then RTN/GPTQ) gets one run per budget instead
 (``OUT/METHOD-wBITSgGROUP-Nsteps`` for the shorter ones): its mid-run model is float + LoRA, not the
 low-bit model.
@@ -35,8 +36,9 @@ from pathlib import Path
 
 from dlqat.eval.tables import bar_axes, figure, line_plot, markdown_table, plain_log_y
 from dlqat.fileio import atomic_write, atomic_write_json, atomic_write_text
+from dlqat.layers import ClipMode
 from dlqat.methods import config_class, handler, method_names
-from dlqat.methods.dl_qat import COSINE_FROM_STEPS
+from dlqat.methods.dl_qat import COSINE_FROM_STEPS, default_clip_mode
 from dlqat.quant.primitives import MAX_BITS, MIN_BITS, check_group_size
 from dlqat.run_folder import run_schedule
 
@@ -54,16 +56,29 @@ COLUMNS = [
 ]
 
 
-def steps_flags(method: str, steps: list[int]) -> list[str]:
-    """Same optimizer-step budget for every trained method (DL-QAT: a fifth of the first point in phase 1)."""
+def steps_flags(method: str, steps: list[int], bits: int, extra: list[str]) -> list[str]:
+    """Same optimizer-step budget for every trained method (DL-QAT with a range-only phase: a fifth of the
+    first point in phase 1; without one, the whole budget in phase 2)."""
     name = method.split(":")[0]
     if name in ("rtn", "gptq"):
         return []
     curve = ["--eval_at", ",".join(map(str, steps))] if len(steps) > 1 else []
     if name == "dl_qat":
-        phase1 = steps[0] // 5
+        phase1 = steps[0] // 5 if dl_qat_clip_mode(method, bits, extra) == ClipMode.LEARN_THEN_FIX.value else 0
         return ["--phase1_steps", str(phase1), "--phase2_steps", str(steps[-1] - phase1), *curve]
     return ["--steps", str(steps[-1]), *curve]
+
+
+def dl_qat_clip_mode(method: str, bits: int, extra: list[str]) -> str:
+    """The clip mode a ``dlqat train`` of this DL-QAT method will run with: given among the flags passed on, set
+    by the method's preset, or the default at this bit width (joint at 2 bits has no phase 1 to give steps to)."""
+    parser = argparse.ArgumentParser(add_help=False)
+    parser.add_argument("--clip_mode", "--clip-mode", default=None)
+    parser.add_argument("--zero_point", "--zero-point", default="float")
+    given = parser.parse_known_args(extra)[0]
+    preset = method.partition(":")[2]
+    by_preset = config_class("dl_qat").preset_settings(preset).get("clip_mode") if preset else None
+    return given.clip_mode or by_preset or default_clip_mode(bits, given.zero_point)
 
 
 def given_schedule(extra: list[str]) -> str | None:
@@ -174,7 +189,7 @@ def train_once(method: str, bits: int, group: int, steps: list[int], run_dir: Pa
             restart = []
         argv = [
             sys.executable, "-m", "dlqat", "train", *method_flags(method), "--n_bits", str(bits), "--group_size",
-            str(group), "--output_dir", str(run_dir), *steps_flags(method, steps), *extra,
+            str(group), "--output_dir", str(run_dir), *steps_flags(method, steps, bits, extra), *extra,
             *curve_schedule_flags(method, steps, extra), *restart,
         ]  # fmt: skip
         print(f"\n=== {method} W{bits} g{group}: {' '.join(argv[3:])}", flush=True)
