@@ -149,7 +149,8 @@ def test_kd_run_lowers_the_student_teacher_kl(trained_tiny_model_dir, tokenizer,
     from dlqat.export import load_quantized
 
     method, cfg = tiny_configs(trained_tiny_model_dir, text_file, tmp_path / "kd", n_bits=2, init="mse",
-                               clip_mode="learn_then_fix", phase1_steps=4, phase2_steps=24, lr=1e-3, loss="kd", save_every=100)  # fmt: skip
+                               clip_mode="learn_then_fix", phase1_steps=4, phase2_steps=24, lr=1e-3, loss="kd",
+                               save_every=100)  # fmt: skip
     train(method, cfg)
     teacher = AutoModelForCausalLM.from_pretrained(trained_tiny_model_dir).eval()
     rtn = copy.deepcopy(teacher)
