@@ -34,11 +34,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+from dlqat.cli import parse_train_args
 from dlqat.eval.tables import bar_axes, figure, line_plot, markdown_table, plain_log_y
 from dlqat.fileio import atomic_write, atomic_write_json, atomic_write_text
 from dlqat.layers import ClipMode
 from dlqat.methods import config_class, handler, method_names
-from dlqat.methods.dl_qat import COSINE_FROM_STEPS, default_clip_mode
+from dlqat.methods.dl_qat import COSINE_FROM_STEPS
 from dlqat.quant.primitives import MAX_BITS, MIN_BITS, check_group_size
 from dlqat.run_folder import run_schedule
 
@@ -70,15 +71,9 @@ def steps_flags(method: str, steps: list[int], bits: int, extra: list[str]) -> l
 
 
 def dl_qat_clip_mode(method: str, bits: int, extra: list[str]) -> str:
-    """The clip mode a ``dlqat train`` of this DL-QAT method will run with: given among the flags passed on, set
-    by the method's preset, or the default at this bit width (joint at 2 bits has no phase 1 to give steps to)."""
-    parser = argparse.ArgumentParser(add_help=False)
-    parser.add_argument("--clip_mode", "--clip-mode", default=None)
-    parser.add_argument("--zero_point", "--zero-point", default="float")
-    given = parser.parse_known_args(extra)[0]
-    preset = method.partition(":")[2]
-    by_preset = config_class("dl_qat").preset_settings(preset).get("clip_mode") if preset else None
-    return given.clip_mode or by_preset or default_clip_mode(bits, given.zero_point)
+    """The clip mode the ``dlqat train`` run of this DL-QAT method will have, resolved by the same parser and
+    config (a flag passed on, the preset, or the default at this bit width: joint at 2 bits has no phase 1)."""
+    return parse_train_args([*method_flags(method), "--n_bits", str(bits), *extra])[0].clip_mode
 
 
 def given_schedule(extra: list[str]) -> str | None:
