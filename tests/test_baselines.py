@@ -218,6 +218,13 @@ def test_compare_writes_table_csv_and_plot(tiny_model_dir, text_file, tmp_path, 
     with open(out / "comparison.csv") as f:
         again = list(csv.DictReader(f))
     assert [r["perplexity"] for r in again] == [r["perplexity"] for r in rows]
+    # a finished run is reused only with the settings it ran with: another seed is refused, naming the field,
+    # instead of reporting the seed-42 numbers as the seed-7 run
+    capsys.readouterr()
+    assert main([*argv, "--seed", "7"]) == 2
+    err = capsys.readouterr().err
+    assert f"{out / 'rtn-w4g32'} holds a rtn run with other settings than this comparison asks for" in err
+    assert "seed: 42 -> 7" in err
 
 
 def test_full_qat_checkpoint_holds_the_trained_weights(tiny_model_dir, text_file, tmp_path):
@@ -291,10 +298,11 @@ def test_compare_draws_learning_curves_on_every_text(tiny_model_dir, text_file, 
     other = tmp_path / "other.txt"
     other.write_text(text_file.read_text()[::-1])
     out = tmp_path / "curves"
-    argv = ["compare", "--methods", "rtn,l4q,dl_qat:paper,lora_rtn", "--bits", "3", "--group_size", "32", "--steps", "2,4",
-            "--output_dir", str(out), "--model", str(tiny_model_dir), "--data", str(text_file), "--eval_data",
-            str(text_file), "--curve_eval_data", str(other), "--seq_len", "32", "--grad_accum", "1", "--eval_seq_len",
-            "32", "--eval_max_windows", "2", "--no_progress"]  # fmt: skip
+    train_flags = ["--model", str(tiny_model_dir), "--data", str(text_file), "--eval_data", str(text_file),
+                   "--curve_eval_data", str(other), "--seq_len", "32", "--grad_accum", "1", "--eval_seq_len", "32",
+                   "--eval_max_windows", "2", "--no_progress"]  # fmt: skip
+    argv = ["compare", "--methods", "rtn,l4q,dl_qat:paper,lora_rtn", "--bits", "3", "--group_size", "32", "--steps",
+            "2,4", "--output_dir", str(out), *train_flags]  # fmt: skip
     assert main(argv) == 0
     curve = [json.loads(line) for line in (out / "l4q-w3g32" / "curve.jsonl").read_text().splitlines()]
     assert [(r["step"], r["text"]) for r in curve] == [(2, "train.txt"), (2, "other.txt"), (4, "train.txt"),
@@ -314,7 +322,9 @@ def test_compare_draws_learning_curves_on_every_text(tiny_model_dir, text_file, 
     # LoRA then RTN trains a float + LoRA model: one run per budget, each point its run's quantized result
     from dlqat.compare import run_one  # the finished runs are reused: nothing trains again
 
-    points = {(r["step"], r["text"]): r["perplexity"] for r in run_one("lora_rtn", 3, 32, [2, 4], out, [])["curve"]}
+    points = {
+        (r["step"], r["text"]): r["perplexity"] for r in run_one("lora_rtn", 3, 32, [2, 4], out, train_flags)["curve"]
+    }
     for steps, folder in ((2, "lora_rtn-w3g32-2steps"), (4, "lora_rtn-w3g32")):
         finished = json.loads((out / folder / "results.json").read_text())
         assert json.loads((out / folder / "run_config.json").read_text())["method_config"]["steps"] == steps

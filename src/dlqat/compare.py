@@ -2,7 +2,8 @@
 
 Each run is a separate ``dlqat train`` process (so peak memory is that run's own), written to
 ``OUT/METHOD-wBITSgGROUP``; finished runs are reused when the comparison is run again, killed ones
-resume (or, killed before their first checkpoint, start again). The table goes to
+resume (or, killed before their first checkpoint, start again), each only with the settings it ran with
+(a run there with others is refused, naming the fields, not reported as the run asked for). The table goes to
 ``OUT/comparison.{md,csv}`` and a bar chart of perplexity to ``OUT/comparison.png``. A method may name
 one of its presets: ``dl_qat:paper``, ``qa_lora:paper``.
 
@@ -32,6 +33,7 @@ import json
 import os
 import subprocess
 import sys
+from dataclasses import asdict
 from pathlib import Path
 
 from dlqat.cli import parse_train_args
@@ -41,7 +43,8 @@ from dlqat.layers import ClipMode
 from dlqat.methods import config_class, handler, method_names
 from dlqat.methods.dl_qat import COSINE_FROM_STEPS
 from dlqat.quant.primitives import MAX_BITS, MIN_BITS, check_group_size
-from dlqat.run_folder import run_schedule
+from dlqat.run_folder import run_schedule, run_settings, settings_diffs
+from dlqat.train_config import resolve_defaults
 
 COLUMNS = [
     "method",
@@ -164,29 +167,47 @@ def refuse_unfit_run(method: str, run_dir: Path, saved: dict | None, done: int |
         )
 
 
+def refuse_other_settings(method: str, run_dir: Path, saved: dict, argv: list[str]) -> None:
+    """A run in ``run_dir`` (saved config ``saved``) that compare would reuse or continue, but whose settings
+    are not those ``argv`` (the ``dlqat train`` flags of this comparison) asks for: refused, naming each field,
+    rather than reported (or grown) as the run asked for."""
+    method_cfg, cfg = parse_train_args(argv)
+    method_cfg, cfg = resolve_defaults(method_cfg, cfg, run_schedule(saved))
+    diffs = settings_diffs(saved, run_settings(method_cfg.name, method_cfg.to_dict(), asdict(cfg)))
+    if diffs:
+        raise ValueError(
+            f"{run_dir} holds a {method} run with other settings than this comparison asks for: {'; '.join(diffs)}. "
+            "Pass the flags it ran with (its run_config.json) or another --output_dir"
+        )
+
+
 def train_once(method: str, bits: int, group: int, steps: list[int], run_dir: Path, extra: list[str]) -> dict:
     """``dlqat train`` in its own process (reused if finished, continued if it finished short of the budget,
-    resumed if killed); its results.json."""
+    resumed if killed; in each case only with the settings asked for); its results.json."""
     results_file = run_dir / "results.json"
     saved, done = saved_run_config(run_dir), finished_steps(run_dir)
     planned = planned_steps(saved)
     refuse_unfit_run(method, run_dir, saved, done, steps[-1])
+    flags = [
+        *method_flags(method), "--n_bits", str(bits), "--group_size", str(group), "--output_dir", str(run_dir),
+        *steps_flags(method, steps, bits, extra), *extra, *curve_schedule_flags(method, steps, extra),
+    ]  # fmt: skip
+    has_checkpoint = (run_dir / "checkpoint.pt").is_file()
+    rerun = done is None or (planned is not None and done != steps[-1])
+    if saved is not None and (has_checkpoint or not rerun):
+        refuse_other_settings(method, run_dir, saved, flags)
     # a run that finished short resumes from its last checkpoint; its results.json stays until the longer run
     # replaces it (a continuation killed on the way still has the shorter run's results, whose steps say so)
-    if done is None or (planned is not None and done != steps[-1]):
+    if rerun:
         # killed after a checkpoint: resume it; killed before one (or a post-training method, which has none):
         # nothing trained is kept, so start it afresh in place of its run_config.json and partial logs
-        if (run_dir / "checkpoint.pt").is_file():
+        if has_checkpoint:
             restart = ["--resume"]
-        elif (run_dir / "run_config.json").is_file():
+        elif saved is not None:
             restart = ["--overwrite"]
         else:
             restart = []
-        argv = [
-            sys.executable, "-m", "dlqat", "train", *method_flags(method), "--n_bits", str(bits), "--group_size",
-            str(group), "--output_dir", str(run_dir), *steps_flags(method, steps, bits, extra), *extra,
-            *curve_schedule_flags(method, steps, extra), *restart,
-        ]  # fmt: skip
+        argv = [sys.executable, "-m", "dlqat", "train", *flags, *restart]
         print(f"\n=== {method} W{bits} g{group}: {' '.join(argv[3:])}", flush=True)
         child = subprocess.Popen(argv)
         _, status, usage = os.wait4(child.pid, 0)

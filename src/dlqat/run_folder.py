@@ -92,10 +92,9 @@ def run_schedule(settings: dict | None) -> str | None:
     return settings["train_config"].get("lr_schedule", ADDED_SETTINGS["lr_schedule"]) if settings else None
 
 
-def check_same_run(saved: dict | None, current: dict, ckpt: Path) -> None:
-    """Refuse a resume whose settings differ from the checkpoint's, naming each differing field."""
-    if saved is None:
-        raise CheckpointError(f"{ckpt}: records no run settings (written by an older dlqat); start a new run")
+def settings_diffs(saved: dict, current: dict) -> list[str]:
+    """Each setting of ``current`` (``run_settings``) that a continuation of the run ``saved`` may not have,
+    as ``"key: old -> new"``: any but ``RESUME_MAY_CHANGE``; ``RESUME_MAY_GROW`` only upward at a constant lr."""
     diffs = []
     if saved["method"] != current["method"]:
         diffs.append(f"method: {saved['method']!r} -> {current['method']!r}")
@@ -111,6 +110,14 @@ def check_same_run(saved: dict | None, current: dict, ckpt: Path) -> None:
                     f"{key}: {old.get(key)!r} -> {new.get(key)!r} with lr_schedule={schedule!r} (a decaying "
                     "schedule planned for fewer steps is not the longer run; only a constant lr may grow)"
                 )
+    return diffs
+
+
+def check_same_run(saved: dict | None, current: dict, ckpt: Path) -> None:
+    """Refuse a resume whose settings differ from the checkpoint's, naming each differing field."""
+    if saved is None:
+        raise CheckpointError(f"{ckpt}: records no run settings (written by an older dlqat); start a new run")
+    diffs = settings_diffs(saved, current)
     if diffs:
         raise CheckpointError(
             f"{ckpt}: --resume with other settings than the run it continues: {'; '.join(diffs)}. Resume with the "
