@@ -33,7 +33,6 @@ import json
 import os
 import subprocess
 import sys
-from dataclasses import asdict
 from pathlib import Path
 
 from dlqat.cli import parse_train_args
@@ -173,7 +172,7 @@ def refuse_other_settings(method: str, run_dir: Path, saved: dict, argv: list[st
     rather than reported (or grown) as the run asked for."""
     method_cfg, cfg = parse_train_args(argv)
     method_cfg, cfg = resolve_defaults(method_cfg, cfg, run_schedule(saved))
-    diffs = settings_diffs(saved, run_settings(method_cfg.name, method_cfg.to_dict(), asdict(cfg)))
+    diffs = settings_diffs(saved, run_settings(method_cfg, cfg))
     if diffs:
         raise ValueError(
             f"{run_dir} holds a {method} run with other settings than this comparison asks for: {'; '.join(diffs)}. "

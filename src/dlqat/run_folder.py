@@ -18,11 +18,17 @@ import json
 import pickle
 import shutil
 import zipfile
+from dataclasses import asdict
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from dlqat.fileio import RefusedError, atomic_write, atomic_write_text
+
+if TYPE_CHECKING:
+    from dlqat.methods import QuantMethodConfig
+    from dlqat.train_config import TrainConfig
 
 CHECKPOINT = "checkpoint.pt"
 LOG_FILE = "train_log.jsonl"
@@ -81,9 +87,10 @@ def discard_run(out: Path) -> None:
             path.unlink()
 
 
-def run_settings(method: str, method_config: dict, train_config: dict) -> dict:
-    """The settings that define a run (what ``run_config.json`` and every checkpoint record)."""
-    return {"method": method, "method_config": method_config, "train_config": train_config}
+def run_settings(method_cfg: QuantMethodConfig, cfg: TrainConfig) -> dict:
+    """The settings that define a run (what ``run_config.json`` and every checkpoint record), from its resolved
+    method and train configs (``resolve_defaults``): one definition for ``dlqat train`` and ``dlqat compare``."""
+    return {"method": method_cfg.name, "method_config": method_cfg.to_dict(), "train_config": asdict(cfg)}
 
 
 def run_schedule(settings: dict | None) -> str | None:

@@ -13,7 +13,6 @@ import logging
 import resource
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -100,7 +99,7 @@ def _setup(method_cfg, cfg, model, tokenizer, data) -> Run:
     method_cfg, cfg = resolve_defaults(method_cfg, cfg, run_schedule(ckpt.get("settings") if ckpt else None))
     if given_schedule == "auto":
         log.info("lr schedule: %s (--lr_schedule auto%s)", cfg.lr_schedule, ", the resumed run's" if ckpt else "")
-    settings = run_settings(method_cfg.name, method_cfg.to_dict(), asdict(cfg))
+    settings = run_settings(method_cfg, cfg)
     if ckpt:
         check_same_run(ckpt.get("settings"), settings, out / CHECKPOINT)
     run = Run(method_cfg, cfg, handler(method_cfg), _accelerator(cfg), settings, ckpt)
