@@ -98,6 +98,8 @@ def test_trainable_count_counts_tied_weights_once():
         ("lr", 0.0),
         ("alpha", -1.0),
         ("magnitude_lr", 0.0),
+        ("lr", float("nan")),  # passes a plain `<= 0` check, then turns every loss NaN
+        ("quant_lr", float("inf")),
     ],
 )
 def test_config_errors_name_field_and_value(field, value):

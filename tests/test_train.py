@@ -186,6 +186,19 @@ def test_checkpoint_from_before_lr_schedule_resumes_as_constant():
         check_same_run(saved, now("cosine"), Path("ckpt.pt"))
 
 
+@pytest.mark.parametrize(
+    "flag,value",
+    [("--weight_decay", "nan"), ("--max_grad_norm", "-1.0"), ("--kd_temperature", "inf"), ("--lr", "nan")]
+    + [("--damp", v) for v in ("-0.01", "nan")],
+)
+def test_non_finite_or_negative_numbers_are_refused_before_any_work(flag, value):
+    """A number that is NaN, inf or negative where it must not be is refused when the flags are read, naming
+    the field and the value, not found as a NaN loss after the float evaluation and the start have run."""
+    method = ["--method", "gptq"] if flag == "--damp" else []
+    with pytest.raises(ValueError, match=f"{flag[2:]}={value}: expected a"):
+        parse_train_args([*method, flag, value])
+
+
 def test_lr_factor_schedules():
     assert [lr_factor("constant", i, 4) for i in range(4)] == [1.0] * 4
     assert [lr_factor("linear", i, 4) for i in range(4)] == [1.0, 0.75, 0.5, 0.25]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field, fields, replace
 from typing import TypeVar
 
@@ -155,8 +156,8 @@ class TrainConfig:
             raise ValueError(f"lr_schedule={self.lr_schedule!r}: expected auto or one of {', '.join(LR_SCHEDULES)}")
         if self.loss not in (*LOSSES, "auto"):
             raise ValueError(f"loss={self.loss!r}: expected auto or one of {', '.join(LOSSES)}")
-        if not self.kd_temperature > 0:
-            raise ValueError(f"kd_temperature={self.kd_temperature!r}: expected a positive number")
+        if not (self.kd_temperature > 0 and math.isfinite(self.kd_temperature)):
+            raise ValueError(f"kd_temperature={self.kd_temperature!r}: expected a positive finite number")
         if self.teacher is not None and self.loss in ("ce", "auto"):
             raise ValueError(f"teacher={self.teacher!r} needs --loss kd or kd+ce (loss=ce uses no teacher)")
         try:
@@ -165,8 +166,10 @@ class TrainConfig:
             raise ValueError(f"eval_at={self.eval_at!r}: expected comma-separated positive integers") from err
         if any(s < 1 for s in steps):
             raise ValueError(f"eval_at={self.eval_at!r}: expected comma-separated positive integers")
-        if self.max_grad_norm < 0 or self.weight_decay < 0:
-            raise ValueError("max_grad_norm and weight_decay must be >= 0")
+        for name in ("max_grad_norm", "weight_decay"):
+            value = getattr(self, name)
+            if not (value >= 0 and math.isfinite(value)):
+                raise ValueError(f"{name}={value!r}: expected a finite number >= 0")
 
     @property
     def curve_steps(self) -> list[int]:

@@ -6,6 +6,7 @@ registered for it (``dlqat.methods.registry``).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any, ClassVar
@@ -58,8 +59,12 @@ class QuantMethodConfig:
                 )
             if name == "grid" and value not in GRIDS:
                 raise ValueError(f"grid={value!r}: expected one of {', '.join(GRIDS)}")
-            if name in ("alpha", "lr", "quant_lr", "magnitude_lr") and value is not None and value <= 0:
-                raise ValueError(f"{name}={value!r}: expected a positive number")
+            if name in ("alpha", "lr", "quant_lr", "magnitude_lr") and value is not None and not _positive(value):
+                raise ValueError(f"{name}={value!r}: expected a positive finite number")
+            if name == "damp" and not (value == 0 or _positive(value)):
+                raise ValueError(
+                    f"damp={value!r}: expected a finite number >= 0 (a fraction of the mean Hessian diagonal)"
+                )
             if name.endswith("steps") and value is not None and value < 0:
                 raise ValueError(f"{name}={value!r}: expected a non-negative integer")
 
@@ -207,3 +212,9 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
         total += param.numel()
         trainable += param.numel() if param.requires_grad else 0
     return trainable, total
+
+
+def _positive(value: float) -> bool:
+    """True for a finite number above 0: NaN and inf pass a plain ``<= 0`` check and would only show up as a
+    NaN loss after the float evaluation and the start had run."""
+    return value > 0 and math.isfinite(value)
