@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field, fields, replace
 from typing import TypeVar
 
 from dlqat.losses import LOSSES
 from dlqat.methods import QuantMethodConfig, handler
+from dlqat.methods.base import is_non_negative_finite, is_positive_finite
 from dlqat.methods.dl_qat import COSINE_FROM_STEPS
 from dlqat.schedules import LR_SCHEDULES
 
@@ -156,7 +156,7 @@ class TrainConfig:
             raise ValueError(f"lr_schedule={self.lr_schedule!r}: expected auto or one of {', '.join(LR_SCHEDULES)}")
         if self.loss not in (*LOSSES, "auto"):
             raise ValueError(f"loss={self.loss!r}: expected auto or one of {', '.join(LOSSES)}")
-        if not (self.kd_temperature > 0 and math.isfinite(self.kd_temperature)):
+        if not is_positive_finite(self.kd_temperature):
             raise ValueError(f"kd_temperature={self.kd_temperature!r}: expected a positive finite number")
         if self.teacher is not None and self.loss in ("ce", "auto"):
             raise ValueError(f"teacher={self.teacher!r} needs --loss kd or kd+ce (loss=ce uses no teacher)")
@@ -167,8 +167,7 @@ class TrainConfig:
         if any(s < 1 for s in steps):
             raise ValueError(f"eval_at={self.eval_at!r}: expected comma-separated positive integers")
         for name in ("max_grad_norm", "weight_decay"):
-            value = getattr(self, name)
-            if not (value >= 0 and math.isfinite(value)):
+            if not is_non_negative_finite(value := getattr(self, name)):
                 raise ValueError(f"{name}={value!r}: expected a finite number >= 0")
 
     @property

@@ -59,9 +59,13 @@ class QuantMethodConfig:
                 )
             if name == "grid" and value not in GRIDS:
                 raise ValueError(f"grid={value!r}: expected one of {', '.join(GRIDS)}")
-            if name in ("alpha", "lr", "quant_lr", "magnitude_lr") and value is not None and not _positive(value):
+            if (
+                name in ("alpha", "lr", "quant_lr", "magnitude_lr")
+                and value is not None
+                and not is_positive_finite(value)
+            ):
                 raise ValueError(f"{name}={value!r}: expected a positive finite number")
-            if name == "damp" and not (value == 0 or _positive(value)):
+            if name == "damp" and not is_non_negative_finite(value):
                 raise ValueError(
                     f"damp={value!r}: expected a finite number >= 0 (a fraction of the mean Hessian diagonal)"
                 )
@@ -214,7 +218,12 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
     return trainable, total
 
 
-def _positive(value: float) -> bool:
+def is_positive_finite(value: float) -> bool:
     """True for a finite number above 0: NaN and inf pass a plain ``<= 0`` check and would only show up as a
     NaN loss after the float evaluation and the start had run."""
     return value > 0 and math.isfinite(value)
+
+
+def is_non_negative_finite(value: float) -> bool:
+    """True for 0 or a finite number above it (NaN and inf refused, as in ``is_positive_finite``)."""
+    return value >= 0 and math.isfinite(value)
