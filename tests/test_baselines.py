@@ -481,12 +481,12 @@ def train_losses(run) -> list[float]:
 
 def test_default_start_is_the_measured_best_per_bit_width():
     """GPTQ-mse at 2 bits, the MSE search above (README, recipe study); GPTQ needs float offsets."""
-    assert make_config("dl_qat", n_bits=2).init == "gptq-mse"
-    assert make_config("dl_qat", n_bits=3).init == make_config("dl_qat", n_bits=4).init == "mse"
-    assert make_config("dl_qat", n_bits=2, zero_point="int").init == "mse"
-    assert make_config("dl_qat", n_bits=2, clip_mode="dynamic").init == "minmax"
+    assert make_config("dl_qat", n_bits=2).resolved_init == "gptq-mse"
+    assert make_config("dl_qat", n_bits=3).resolved_init == make_config("dl_qat", n_bits=4).resolved_init == "mse"
+    assert make_config("dl_qat", n_bits=2, zero_point="int").resolved_init == "mse"
+    assert make_config("dl_qat", n_bits=2, clip_mode="dynamic").resolved_init == "minmax"
     assert parse_train_args(["--preset", "paper", "--n_bits", "2"])[0].init == "minmax"
-    assert parse_train_args(["--n_bits", "2"])[0].init == "gptq-mse"
+    assert parse_train_args(["--n_bits", "2"])[0].resolved_init == "gptq-mse"
 
 
 def test_default_clip_mode_is_joint_at_2_bits_only():
@@ -494,15 +494,36 @@ def test_default_clip_mode_is_joint_at_2_bits_only():
     follows: the defaulted run puts every step in phase 2, an explicit phase 1 is refused naming the way back."""
     from dlqat.train_config import resolve_defaults
 
-    assert make_config("dl_qat", n_bits=2).clip_mode == "joint"
-    assert make_config("dl_qat", n_bits=3).clip_mode == make_config("dl_qat", n_bits=4).clip_mode == "learn_then_fix"
-    assert make_config("dl_qat", n_bits=2, zero_point="int").clip_mode == "learn_then_fix"
-    assert parse_train_args(["--preset", "dlqat-5", "--n_bits", "2"])[0].clip_mode == "learn_then_fix"
+    assert make_config("dl_qat", n_bits=2).resolved_clip_mode == "joint"
+    assert (
+        make_config("dl_qat", n_bits=3).resolved_clip_mode
+        == make_config("dl_qat", n_bits=4).resolved_clip_mode
+        == "learn_then_fix"
+    )
+    assert make_config("dl_qat", n_bits=2, zero_point="int").resolved_clip_mode == "learn_then_fix"
+    assert parse_train_args(["--preset", "dlqat-5", "--n_bits", "2"])[0].resolved_clip_mode == "learn_then_fix"
     method, _ = resolve_defaults(*parse_train_args(["--n_bits", "2", "--data", "x.txt"]))
     assert (method.phase1_steps, method.phase2_steps) == (0, 2000)
     assert [p.name for p in phases(method, ["layer"])] == ["phase2: lora_a/lora_b/magnitude/scale/offset"]
     with pytest.raises(ValueError, match=r"joint \(the default at 2 bits\).*--clip_mode learn_then_fix"):
         make_config("dl_qat", n_bits=2, phase1_steps=8)
+
+
+def test_a_derived_config_gets_the_defaults_of_its_own_bit_width():
+    """``dataclasses.replace(cfg, n_bits=2)`` (a bit sweep in a script) must not carry the 4-bit defaults
+    over: unset settings stay unset and resolve at the new width, given ones stay given; the run record
+    (``to_dict``) holds the resolved values."""
+    from dataclasses import replace
+
+    four = make_config("dl_qat", n_bits=4)
+    two = replace(four, n_bits=2)
+    assert (two.resolved_clip_mode, two.resolved_init) == ("joint", "gptq-mse")
+    assert (four.resolved_clip_mode, four.resolved_init) == ("learn_then_fix", "mse")
+    pinned = replace(make_config("dl_qat", n_bits=4, clip_mode="learn_then_fix", init="minmax"), n_bits=2)
+    assert (pinned.resolved_clip_mode, pinned.resolved_init) == ("learn_then_fix", "minmax")
+    assert {k: two.to_dict()[k] for k in ("clip_mode", "init")} == {"clip_mode": "joint", "init": "gptq-mse"}
+    recorded = {k: v for k, v in two.to_dict().items() if k != "method"}
+    assert make_config("dl_qat", **recorded) == replace(two, clip_mode="joint", init="gptq-mse")
     assert make_config("dl_qat", n_bits=2, phase1_steps=8, clip_mode="learn_then_fix").phase1_steps == 8
 
 

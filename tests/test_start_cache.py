@@ -72,7 +72,8 @@ def test_a_run_loads_the_start_an_earlier_run_saved(tiny_model_dir, text_file, t
     assert second["perplexity"]["gptq"] == first["perplexity"]["gptq"]
     assert second["perplexity"]["dl_qat"] != first["perplexity"]["dl_qat"]  # it did train, differently
 
-    fit(None, None, replace(method, n_bits=2), replace(cfg, output_dir=str(tmp_path / "c")))
+    two_bits = replace(method, n_bits=2, clip_mode="learn_then_fix")  # keeps its phase 1 (2-bit default: joint)
+    fit(None, None, two_bits, replace(cfg, output_dir=str(tmp_path / "c")))
     assert len(list(cache.glob("*.safetensors"))) == 2
 
 

@@ -75,7 +75,7 @@ def steps_flags(method: str, steps: list[int], bits: int, extra: list[str]) -> l
 def dl_qat_clip_mode(method: str, bits: int, extra: list[str]) -> str:
     """The clip mode the ``dlqat train`` run of this DL-QAT method will have, resolved by the same parser and
     config (a flag passed on, the preset, or the default at this bit width: joint at 2 bits has no phase 1)."""
-    return parse_train_args([*method_flags(method), "--n_bits", str(bits), *extra])[0].clip_mode
+    return parse_train_args([*method_flags(method), "--n_bits", str(bits), *extra])[0].resolved_clip_mode
 
 
 def given_schedule(extra: list[str]) -> str | None:

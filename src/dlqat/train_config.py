@@ -190,7 +190,7 @@ def resolve_defaults(method_cfg: M, cfg: TrainConfig, resumed_schedule: str | No
     ablation grid trains equally long. ``resumed_schedule``: the schedule of the run being resumed, which
     ``auto`` keeps (a constant-lr run grown on resume stays constant rather than being refused)."""
     defaults = dict(DEMO_DEFAULTS if cfg.is_demo else RUN_DEFAULTS)
-    if getattr(method_cfg, "clip_mode", None) in ("dynamic", "joint"):
+    if getattr(method_cfg, "resolved_clip_mode", None) in ("dynamic", "joint"):
         defaults.update(phase1_steps=0, phase2_steps=defaults["phase1_steps"] + defaults["phase2_steps"])
     method_cfg, cfg = _filled(method_cfg, defaults), _filled(cfg, defaults)
     if cfg.loss == "auto":

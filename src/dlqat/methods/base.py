@@ -51,7 +51,7 @@ class QuantMethodConfig:
         for name, value in asdict(self).items():
             if name in ("rank", "calib_samples") and value < 1:
                 raise ValueError(f"{name}={value!r}: expected a positive integer")
-            if name == "init" and value not in INITS:
+            if name == "init" and value is not None and value not in INITS:  # None: the method's default
                 raise ValueError(f"init={value!r}: expected one of {', '.join(INITS)}")
             if name == "init" and value in GPTQ_INITS and getattr(self, "zero_point", None) == "int":
                 raise ValueError(

@@ -76,27 +76,43 @@ class DLQATConfig(QuantMethodConfig, StorageFields):
     )
 
     def __post_init__(self) -> None:
-        defaulted = self.clip_mode is None
-        if defaulted:
-            self.clip_mode = default_clip_mode(self.n_bits, self.zero_point)
-        if self.clip_mode not in _CLIP_MODES:
-            raise ValueError(f"clip_mode={self.clip_mode!r}: expected one of {_CLIP_MODES}")
-        dynamic = self.clip_mode == ClipMode.DYNAMIC.value
-        if self.init is None:  # dynamic ranges are min/max of the merged weight every step: nothing to search
-            self.init = "minmax" if dynamic else default_init(self.n_bits, self.zero_point)
-        if dynamic and self.init != "minmax":
-            raise ValueError(f"init={self.init!r}: clip_mode=dynamic recomputes min/max every step; use init=minmax")
+        # clip_mode / init stay as given (None: the default at this bit width) so that a derived config
+        # (``dataclasses.replace(cfg, n_bits=2)``) gets the defaults of its own bit width; read them resolved
+        # through ``resolved_clip_mode`` / ``resolved_init`` (``to_dict`` records the resolved values).
+        clip_mode, init = self.resolved_clip_mode, self.resolved_init
+        if clip_mode not in _CLIP_MODES:
+            raise ValueError(f"clip_mode={clip_mode!r}: expected one of {_CLIP_MODES}")
+        if clip_mode == ClipMode.DYNAMIC.value and init != "minmax":
+            raise ValueError(f"init={init!r}: clip_mode=dynamic recomputes min/max every step; use init=minmax")
         if self.magnitude_lr is not None and not self.use_magnitude:
             raise ValueError(f"magnitude_lr={self.magnitude_lr!r}: use_magnitude=False trains no magnitude m")
-        if self.clip_mode != ClipMode.LEARN_THEN_FIX.value and self.phase1_steps:
+        defaulted = self.clip_mode is None
+        if clip_mode != ClipMode.LEARN_THEN_FIX.value and self.phase1_steps:
             raise ValueError(
-                f"phase1_steps={self.phase1_steps}: clip_mode={self.clip_mode}"
+                f"phase1_steps={self.phase1_steps}: clip_mode={clip_mode}"
                 + (f" (the default at {self.n_bits} bits)" if defaulted else "")
                 + " has no range-only phase 1 (dynamic: never trained; joint: trained with m, A, B from step 1); "
                 "give the budget as --phase2_steps"
                 + (", or keep phase 1 with --clip_mode learn_then_fix" if defaulted else "")
             )
         super().__post_init__()
+
+    @property
+    def resolved_clip_mode(self) -> str:
+        """``clip_mode``, or the default at ``n_bits`` where it is None."""
+        return self.clip_mode if self.clip_mode is not None else default_clip_mode(self.n_bits, self.zero_point)
+
+    @property
+    def resolved_init(self) -> str:
+        """``init``, or the default where it is None (minmax for dynamic ranges: nothing to search)."""
+        if self.init is not None:
+            return self.init
+        if self.resolved_clip_mode == ClipMode.DYNAMIC.value:
+            return "minmax"
+        return default_init(self.n_bits, self.zero_point)
+
+    def to_dict(self) -> dict:
+        return {**super().to_dict(), "clip_mode": self.resolved_clip_mode, "init": self.resolved_init}
 
 
 def default_clip_mode(n_bits: int, zero_point: str = "float") -> str:
@@ -154,15 +170,15 @@ DLQATConfig.presets = PRESETS
 class DLQAT(GPTQStart, QuantMethod):
     def prepare(self, model: nn.Module, cfg: DLQATConfig) -> list[str]:
         return swap_in_quant_lora(
-            model, cfg, rank=cfg.rank, alpha=cfg.alpha, use_magnitude=cfg.use_magnitude, clip_mode=cfg.clip_mode,
-            init=cfg.init,
+            model, cfg, rank=cfg.rank, alpha=cfg.alpha, use_magnitude=cfg.use_magnitude,
+            clip_mode=cfg.resolved_clip_mode, init=cfg.resolved_init,
         )  # fmt: skip
 
     def phases(self, cfg: DLQATConfig, layer_names: list[str]) -> list[Phase]:
         """The DL-QAT schedule, adjusted for the ablation switches."""
         require_steps(cfg, "phase1_steps", "phase2_steps")
         phase2 = ("lora_a", "lora_b") + (("magnitude",) if cfg.use_magnitude else ())
-        clip = ClipMode(cfg.clip_mode)
+        clip = ClipMode(cfg.resolved_clip_mode)
         if clip is ClipMode.JOINT:
             phase2 += ("scale", "offset")
         schedule = []
@@ -182,4 +198,4 @@ class DLQAT(GPTQStart, QuantMethod):
         return default_schedule(cfg.phase1_steps + cfg.phase2_steps)
 
     def starts_at(self, cfg: DLQATConfig) -> str:
-        return cfg.start_label(cfg.init)
+        return cfg.start_label(cfg.resolved_init)

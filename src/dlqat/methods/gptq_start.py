@@ -28,18 +28,18 @@ GPTQ_START_SAMPLES = 128  # calibration examples for a GPTQ start (the GPTQ base
 
 
 class GPTQStart:
-    """Handler steps of a method whose ``cfg.init`` may name a GPTQ start (DL-QAT, L4Q)."""
+    """Handler steps of a method whose ``cfg.resolved_init`` may name a GPTQ start (DL-QAT, L4Q)."""
 
     def calibrate(self, model: nn.Module, cfg, layer_names: list[str], calibration: Sequence[torch.Tensor]) -> None:
-        grid = GPTQ_INITS.get(cfg.init)  # the GPTQ group range a GPTQ start asks for; None for the others
+        grid = GPTQ_INITS.get(cfg.resolved_init)  # the GPTQ group range a GPTQ start asks for; None for the others
         if grid:
             gptq_start(model, layer_names, calibration[:GPTQ_START_SAMPLES], grid=grid)
 
     def float_teacher(self, cfg) -> bool:
-        return cfg.init not in GPTQ_INITS  # a GPTQ start replaces W0 by GPTQ's updated weight
+        return cfg.resolved_init not in GPTQ_INITS  # a GPTQ start replaces W0 by GPTQ's updated weight
 
     def calibrated_state(self, model: nn.Module, cfg, layer_names: list[str]) -> dict[str, torch.Tensor]:
-        if cfg.init not in GPTQ_INITS:
+        if cfg.resolved_init not in GPTQ_INITS:
             return {}
         state = {}
         for name in layer_names:

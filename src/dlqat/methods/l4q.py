@@ -34,6 +34,11 @@ class L4QConfig(QuantMethodConfig, StorageFields):
     lr: float = field(default=2e-4, metadata={"help": "learning rate of A, B"})
     quant_lr: float = field(default=1e-4, metadata={"help": "learning rate of scale, offset"})
 
+    @property
+    def resolved_init(self) -> str:
+        """``init`` (no bit-width default here); read under DL-QAT's name by the shared GPTQ-start steps."""
+        return self.init
+
 
 @register_method(L4QConfig)
 class L4Q(GPTQStart, QuantMethod):
