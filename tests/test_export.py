@@ -20,13 +20,15 @@ def perturb(model):
                 p.uniform_(0.9, 1.1)
             elif name.endswith("scale"):
                 p.mul_(0.95)
+            elif name.endswith("shift"):
+                p.normal_(0, 0.01)
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen3", "gemma3"])
-@pytest.mark.parametrize("n_bits,group_size", [(4, 32), (3, 48), (2, -1)])
-def test_convert_save_load_logits_exact(tmp_path, tokenizer, arch, n_bits, group_size):
+@pytest.mark.parametrize("n_bits,group_size,shift_lr", [(4, 32, None), (3, 48, 1e-3), (2, -1, None)])
+def test_convert_save_load_logits_exact(tmp_path, tokenizer, arch, n_bits, group_size, shift_lr):
     model = tiny_model(arch)
-    prepare(model, DLQATConfig(n_bits=n_bits, group_size=group_size, rank=4))
+    prepare(model, DLQATConfig(n_bits=n_bits, group_size=group_size, rank=4, shift_lr=shift_lr))
     perturb(model)
     ids = torch.randint(0, 300, (2, 24))
     with torch.no_grad():

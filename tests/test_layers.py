@@ -77,14 +77,17 @@ def test_dynamic_mode_has_no_scale_parameters_and_tracks_merged_weight():
 
 
 @pytest.mark.parametrize("clip_mode", list(ClipMode))
-@pytest.mark.parametrize("use_magnitude", [True, False])
-def test_codes_reproduce_forward_exactly(clip_mode, use_magnitude):
+@pytest.mark.parametrize("use_magnitude,use_shift", [(True, False), (False, False), (True, True)])
+def test_codes_reproduce_forward_exactly(clip_mode, use_magnitude, use_shift):
+    """The exported ``scale * q + offset`` is the trained layer bit for bit (m and the shift folded in)."""
     linear = nn.Linear(96, 24, bias=True)
-    layer = make(linear, group_size=64, clip_mode=clip_mode, use_magnitude=use_magnitude)
+    layer = make(linear, group_size=64, clip_mode=clip_mode, use_magnitude=use_magnitude, use_shift=use_shift)
     with torch.no_grad():
         layer.lora_b.normal_(0, 0.05)
         if use_magnitude:
             layer.magnitude.uniform_(0.8, 1.2)
+        if use_shift:
+            layer.shift.normal_(0, 0.01)
     q, scale, offset = layer.to_codes()
     assert q.dtype == torch.int8 and q.shape == (24, 96) and scale.shape == (24, 2)
     runtime = QuantizedLinear.from_codes(q, scale, offset, 4, 64, linear.bias)
@@ -93,13 +96,16 @@ def test_codes_reproduce_forward_exactly(clip_mode, use_magnitude):
 
 
 @pytest.mark.parametrize("clip_mode", list(ClipMode))
-def test_lean_and_autograd_paths_agree(clip_mode):
+@pytest.mark.parametrize("use_shift", [False, True])
+def test_lean_and_autograd_paths_agree(clip_mode, use_shift):
     torch.manual_seed(0)
     linear = nn.Linear(96, 32, bias=True).double()
-    layer = make(linear, n_bits=3, group_size=64, clip_mode=clip_mode)
+    layer = make(linear, n_bits=3, group_size=64, clip_mode=clip_mode, use_shift=use_shift)
     with torch.no_grad():
         layer.lora_b.normal_(0, 0.05)
         layer.magnitude.uniform_(0.8, 1.2)
+        if use_shift:
+            layer.shift.normal_(0, 0.01)
         if layer.scale is not None:
             layer.scale.mul_(0.8)
     x = torch.randn(3, 96, dtype=torch.float64)
@@ -111,6 +117,7 @@ def test_lean_and_autograd_paths_agree(clip_mode):
         results.append((y, torch.autograd.grad((y * torch.arange(32.0, dtype=torch.float64)).sum(), params)))
     (y_lean, g_lean), (y_ref, g_ref) = results
     torch.testing.assert_close(y_lean, y_ref, atol=0, rtol=0)
+    assert len(params) == len(g_lean) and (not use_shift or any(p is layer.shift for p in params))
     for a, b in zip(g_lean, g_ref):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
 

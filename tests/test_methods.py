@@ -38,11 +38,16 @@ LORA_M = {"lora_a", "lora_b", "magnitude"}
     [
         ("learn_then_fix", 2, [("phase1", {"scale", "offset"}), ("phase2", LORA_M)]),
         ("joint", 0, [("phase2", LORA_M | {"scale", "offset"})]),  # joint from step 1: no range-only phase
+        ("learn_then_fix+shift", 2, [("phase1", {"scale", "offset"}), ("phase2", LORA_M | {"shift"})]),
     ],
 )
 def test_each_phase_trains_only_its_parameters(clip_mode, phase1_steps, expected):
     model = tiny_model("llama")
-    cfg = DLQATConfig(group_size=32, rank=4, clip_mode=clip_mode, phase1_steps=phase1_steps, phase2_steps=2)
+    clip_mode, _, shift = clip_mode.partition("+")
+    cfg = DLQATConfig(
+        group_size=32, rank=4, clip_mode=clip_mode, phase1_steps=phase1_steps, phase2_steps=2,
+        shift_lr=1e-3 if shift else None,
+    )  # fmt: skip
     prepare(model, cfg)
     schedule = phases(cfg)
     assert [p.name.split(":")[0] for p in schedule] == [name for name, _ in expected]
@@ -98,6 +103,7 @@ def test_trainable_count_counts_tied_weights_once():
         ("lr", 0.0),
         ("alpha", -1.0),
         ("magnitude_lr", 0.0),
+        ("shift_lr", -1e-4),
         ("lr", float("nan")),  # passes a plain `<= 0` check, then turns every loss NaN
         ("quant_lr", float("inf")),
     ],
@@ -122,6 +128,26 @@ def test_magnitude_lr_applies_to_m_alone(magnitude_lr, expected):
     assert lrs == {"lora_a": 2e-3, "lora_b": 2e-3, "magnitude": expected}
     with pytest.raises(ValueError, match="magnitude_lr=0.005: use_magnitude=False"):
         DLQATConfig(use_magnitude=False, magnitude_lr=5e-3)
+
+
+def test_shift_lr_adds_a_zero_shift_per_group_with_its_own_lr():
+    """``shift_lr`` switches the post-rounding shift on: zero at the start (the untrained layer is unchanged),
+    trained in phase 2 at its own lr, never decayed; refused where the offset must stay -scale * z."""
+    model = tiny_model("llama")
+    cfg = DLQATConfig(group_size=32, rank=4, phase1_steps=0, phase2_steps=1, lr=2e-3, shift_lr=3e-4)
+    names = prepare(model, cfg)
+    layer = model.get_submodule(names[0])
+    assert layer.shift.shape == layer.scale.shape and not layer.shift.any()
+    (phase,) = phases(cfg)
+    set_trainable(model, phase.trains)
+    kind = {id(p): n.rsplit(".", 1)[-1] for n, p in model.named_parameters()}
+    groups = {kind[id(p)]: (g["lr"], g["weight_decay"]) for g in phase.param_groups(model, 0.1) for p in g["params"]}
+    assert groups == {"lora_a": (2e-3, 0.1), "lora_b": (2e-3, 0.1), "magnitude": (2e-3, 0.0), "shift": (3e-4, 0.0)}
+    with pytest.raises(ValueError, match="shift_lr=0.0003 with zero_point='int'"):
+        DLQATConfig(shift_lr=3e-4, zero_point="int")
+    plain = tiny_model("llama")
+    prepare(plain, DLQATConfig(group_size=32, rank=4))
+    assert not any(n.endswith("shift") for n, _ in plain.named_parameters())  # off unless asked for
 
 
 def test_weight_decay_never_touches_the_quantizer_parameters():

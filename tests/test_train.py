@@ -219,16 +219,16 @@ def test_lr_factor_schedules():
 
 
 def test_cli_train_then_eval_reproduces_the_reported_perplexity(tiny_model_dir, text_file, tmp_path, capsys):
+    """The exported model is the trained one: with the post-rounding shift on (``--shift_lr``), folded into the
+    stored offsets."""
+    from safetensors.torch import load_file
+
     out = tmp_path / "cli"
-    rc = main(
-        [
-            "train",
-            *tiny_args(
-                tiny_model_dir, text_file, out, n_bits=4, rank=2, phase1_steps=1, phase2_steps=2, eval_max_windows=4
-            ),
-        ]
-    )
+    flags = {"n_bits": 4, "rank": 2, "phase1_steps": 1, "phase2_steps": 2, "eval_max_windows": 4, "shift_lr": 1e-3}
+    rc = main(["train", *tiny_args(tiny_model_dir, text_file, out, **flags)])
     assert rc == 0 and "| dl_qat |" in capsys.readouterr().out
+    shifts = [t for name, t in load_file(out / "quant_state.safetensors").items() if name.endswith(".shift")]
+    assert shifts and all(t.abs().max() > 0 for t in shifts)  # trained, so the export has something to fold
     reported = json.loads((out / "results.json").read_text())["perplexity"]["dl_qat"]
     assert main(tiny_eval_args(out, text_file, tmp_path / "e.json", 4)) == 0
     assert json.loads((tmp_path / "e.json").read_text())["perplexity"]["perplexity"] == reported

@@ -21,11 +21,11 @@ from dlqat.schedules import lr_factor
 from dlqat.sharding import gather_parameters, load_optimizer_state, optimizer_layout, optimizer_state, release_engine
 from dlqat.train_config import TrainConfig
 
-_QUANT_KINDS = ("lora_a", "lora_b", "magnitude", "scale", "offset")
+_QUANT_KINDS = ("lora_a", "lora_b", "magnitude", "scale", "offset", "shift")
 
 
 def quant_state(model: torch.nn.Module, schedule: list[Phase] = ()) -> dict[str, torch.Tensor]:
-    """Every tensor a method trains (A, B, m, scale, offset; full-weight QAT: the weights), whole, by
+    """Every tensor a method trains (A, B, m, scale, offset, shift; full-weight QAT: the weights), whole, by
     name. A collective under FSDP: every rank calls it."""
     return gather_parameters(
         model, lambda n: n.rsplit(".", 1)[-1] in _QUANT_KINDS or any(phase.trains(n) for phase in schedule)

@@ -21,7 +21,7 @@ class QuantLoRALinear(ActQuant, nn.Module):
     (``quantizer``: scale/offset per group, DL-QAT's magnitude ``m``, clip mode, storage).
 
     Shapes: ``weight (out, in)``, ``lora_a (rank, in)``, ``lora_b (out, rank)``,
-    ``quantizer.scale``/``offset``/``magnitude`` ``(out, n_groups)`` (also readable as ``self.scale`` ...).
+    ``quantizer.scale``/``offset``/``magnitude``/``shift`` ``(out, n_groups)`` (also readable as ``self.scale`` ...).
     """
 
     # True inside ``dlqat.losses.float_teacher``: compute with the frozen W0 alone (the float model)
@@ -39,6 +39,7 @@ class QuantLoRALinear(ActQuant, nn.Module):
         clip_mode: ClipMode | str = ClipMode.LEARN_THEN_FIX,
         init: str = "minmax",
         storage: Storage = FLOAT,
+        use_shift: bool = False,
     ) -> None:
         super().__init__()
         out_features, in_features = weight.shape
@@ -56,12 +57,13 @@ class QuantLoRALinear(ActQuant, nn.Module):
         # PEFT's "gaussian" init for A; B = 0 so the layer starts exactly at the quantizer's RTN(W0).
         self.lora_a = nn.Parameter(torch.randn(rank, in_features, **factory) / rank)
         self.lora_b = nn.Parameter(torch.zeros(out_features, rank, **factory))
-        self.quantizer = WeightQuantizer(weight, n_bits, group_size, use_magnitude, clip_mode, init, storage)
+        self.quantizer = WeightQuantizer(weight, n_bits, group_size, use_magnitude, clip_mode, init, storage, use_shift)
 
     # The quantizer's state, readable where the layer is used as a whole (tests, exports, benches).
     scale = property(lambda self: self.quantizer.scale)
     offset = property(lambda self: self.quantizer.offset)
     magnitude = property(lambda self: self.quantizer.magnitude)
+    shift = property(lambda self: self.quantizer.shift)
     clip_mode = property(lambda self: self.quantizer.clip_mode)
     storage = property(lambda self: self.quantizer.storage)
 
@@ -89,7 +91,7 @@ class QuantLoRALinear(ActQuant, nn.Module):
             scale, offset = self.quantizer.range(merged)
             return lean_qlora_linear(
                 x, self.weight, self.lora_a, self.lora_b, scale, offset, self.magnitude, self.bias, self.scaling,
-                self.n_bits, self.group_size, self.storage,
+                self.n_bits, self.group_size, self.storage, self.shift,
             )  # fmt: skip
         w = self.quantized_weight()
         bias = None if self.bias is None else self.bias.to(x.dtype)

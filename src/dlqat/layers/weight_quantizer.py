@@ -41,7 +41,8 @@ INITS = ("minmax", "mse", *GPTQ_INITS)
 
 
 class WeightQuantizer(nn.Module):
-    """Parameters ``scale``/``offset`` (None with ``clip_mode=dynamic``) and ``magnitude`` (None when
+    """Parameters ``scale``/``offset`` (None with ``clip_mode=dynamic``), ``magnitude`` (None when
+    off) and ``shift`` (a per-group move of the dequantized weight after rounding, zero at init; None when
     off), each ``(out, n_groups)``, initialised from ``weight (out, in)``."""
 
     def __init__(
@@ -53,15 +54,19 @@ class WeightQuantizer(nn.Module):
         clip_mode: ClipMode | str = ClipMode.LEARN_THEN_FIX,
         init: str = "minmax",
         storage: Storage = FLOAT,
+        use_shift: bool = False,
     ) -> None:
         super().__init__()
         if init not in INITS:
             raise ValueError(f"init={init!r}: expected one of {', '.join(INITS)}")
+        if use_shift and storage.int_zero:
+            raise ValueError("use_shift with an integer zero point: the offset must stay -scale * z")
         self.n_bits, self.group_size = n_bits, group_size
         self.clip_mode, self.storage = ClipMode(clip_mode), storage
         groups = (weight.shape[0], n_groups(weight.shape[1], group_size))
         factory = {"device": weight.device, "dtype": weight.dtype}
         self.magnitude = nn.Parameter(torch.ones(groups, **factory)) if use_magnitude else None
+        self.shift = nn.Parameter(torch.zeros(groups, **factory)) if use_shift else None
         if self.clip_mode is ClipMode.DYNAMIC:
             self.scale = self.offset = None
         else:
@@ -88,7 +93,9 @@ class WeightQuantizer(nn.Module):
     def fake_quantize(self, merged: torch.Tensor) -> torch.Tensor:
         """The float weight the quantized layer computes with (straight-through in ``merged``)."""
         scale, offset = self.range(merged)
-        return fake_quantize(merged, scale, offset, self.n_bits, self.group_size, self.magnitude, self.storage)
+        return fake_quantize(
+            merged, scale, offset, self.n_bits, self.group_size, self.magnitude, self.storage, self.shift
+        )
 
     @torch.no_grad()
     def codes(self, merged: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -96,12 +103,12 @@ class WeightQuantizer(nn.Module):
         magnitude folded in, rounded as stored): ``W = scale * q + offset``."""
         scale, offset = self.range(merged)
         q = quantize(merged, scale, offset, self.n_bits, self.group_size)
-        return q.to(torch.int8), *apply_magnitude(scale, offset, self.magnitude, self.storage)
+        return q.to(torch.int8), *apply_magnitude(scale, offset, self.magnitude, self.storage, self.shift)
 
     def extra_repr(self) -> str:
         return (
             f"n_bits={self.n_bits}, group_size={self.group_size}, magnitude={self.magnitude is not None}, "
-            f"clip_mode={self.clip_mode.value}, storage={self.storage}"
+            f"shift={self.shift is not None}, clip_mode={self.clip_mode.value}, storage={self.storage}"
         )
 
 

@@ -60,7 +60,7 @@ class QuantMethodConfig:
             if name == "grid" and value not in GRIDS:
                 raise ValueError(f"grid={value!r}: expected one of {', '.join(GRIDS)}")
             if (
-                name in ("alpha", "lr", "quant_lr", "magnitude_lr")
+                name in ("alpha", "lr", "quant_lr", "magnitude_lr", "shift_lr")
                 and value is not None
                 and not is_positive_finite(value)
             ):
@@ -121,7 +121,7 @@ class StorageFields:
 
 
 # Quantizer parameters: never weight-decayed (see Phase.param_groups).
-NO_DECAY = ("magnitude", "scale", "offset")
+NO_DECAY = ("magnitude", "scale", "offset", "shift")
 
 
 @dataclass(frozen=True)
@@ -166,6 +166,7 @@ def swap_in_quant_lora(
     quantize_enabled: bool = True,
     lean: bool = True,
     init: str = "minmax",
+    use_shift: bool = False,
 ) -> list[str]:
     """Replace ``cfg``'s target linears by ``QuantLoRALinear`` layers (the shared layer of dl_qat,
     l4q, full_qat and the float LoRA of lora_rtn/lora_gptq); returns the replaced names."""
@@ -173,7 +174,7 @@ def swap_in_quant_lora(
     def make(_name: str, linear: nn.Linear) -> QuantLoRALinear:
         layer = QuantLoRALinear.from_linear(
             linear, n_bits=cfg.n_bits, group_size=cfg.group_size, rank=rank, alpha=alpha,
-            use_magnitude=use_magnitude, clip_mode=clip_mode, init=init,
+            use_magnitude=use_magnitude, clip_mode=clip_mode, init=init, use_shift=use_shift,
             storage=cfg.storage() if isinstance(cfg, StorageFields) else FLOAT,
         )  # fmt: skip
         layer.quantize_enabled, layer.lean = quantize_enabled, lean

@@ -75,6 +75,16 @@ class DLQATConfig(QuantMethodConfig, StorageFields):
         },
     )
 
+    shift_lr: float | None = field(
+        default=None,
+        metadata={
+            "help": "train a per-group shift d of the dequantized weight, m * (s q + b + d), at this learning rate "
+            "(off when unset). Unlike the offset b it does not move the codes, so the whole group's gradient "
+            "trains it (b's in-range gradient is zero under the straight-through round); QA-LoRA's merged update "
+            "has this form. Folded into the exported offset; float zero points only"
+        },
+    )
+
     def __post_init__(self) -> None:
         # clip_mode / init stay as given (None: the default at this bit width) so that a derived config
         # (``dataclasses.replace(cfg, n_bits=2)``) gets the defaults of its own bit width; read them resolved
@@ -86,6 +96,11 @@ class DLQATConfig(QuantMethodConfig, StorageFields):
             raise ValueError(f"init={init!r}: clip_mode=dynamic recomputes min/max every step; use init=minmax")
         if self.magnitude_lr is not None and not self.use_magnitude:
             raise ValueError(f"magnitude_lr={self.magnitude_lr!r}: use_magnitude=False trains no magnitude m")
+        if self.shift_lr is not None and self.zero_point == "int":
+            raise ValueError(
+                f"shift_lr={self.shift_lr!r} with zero_point='int': a shift makes the offset a non-integer "
+                "multiple of the scale; use zero_point=float"
+            )
         defaulted = self.clip_mode is None
         if clip_mode != ClipMode.LEARN_THEN_FIX.value and self.phase1_steps:
             raise ValueError(
@@ -171,7 +186,7 @@ class DLQAT(GPTQStart, QuantMethod):
     def prepare(self, model: nn.Module, cfg: DLQATConfig) -> list[str]:
         return swap_in_quant_lora(
             model, cfg, rank=cfg.rank, alpha=cfg.alpha, use_magnitude=cfg.use_magnitude,
-            clip_mode=cfg.resolved_clip_mode, init=cfg.resolved_init,
+            clip_mode=cfg.resolved_clip_mode, init=cfg.resolved_init, use_shift=cfg.shift_lr is not None,
         )  # fmt: skip
 
     def phases(self, cfg: DLQATConfig, layer_names: list[str]) -> list[Phase]:
@@ -187,6 +202,9 @@ class DLQAT(GPTQStart, QuantMethod):
         phase2_lrs = {"scale": cfg.quant_lr, "offset": cfg.quant_lr} if clip is ClipMode.JOINT else {}
         if cfg.magnitude_lr is not None:  # only with use_magnitude (__post_init__)
             phase2_lrs["magnitude"] = cfg.magnitude_lr
+        if cfg.shift_lr is not None:
+            phase2 += ("shift",)
+            phase2_lrs["shift"] = cfg.shift_lr
         schedule.append(Phase("phase2: " + "/".join(phase2), cfg.phase2_steps, cfg.lr, param_of(*phase2), phase2_lrs))
         return schedule
 

@@ -242,19 +242,29 @@ def integer_offset(scale: torch.Tensor, offset: torch.Tensor, n_bits: int) -> to
 
 
 def apply_magnitude(
-    scale: torch.Tensor, offset: torch.Tensor, magnitude: torch.Tensor | None, storage: Storage = FLOAT
+    scale: torch.Tensor,
+    offset: torch.Tensor,
+    magnitude: torch.Tensor | None,
+    storage: Storage = FLOAT,
+    shift: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """DL-QAT's ``m * (s q + b)`` as the plain group quantizer ``(m s) q + (m b)``, as stored.
+    """DL-QAT's ``m * (s q + b + d)`` as the plain group quantizer ``(m s) q + m (b + d)``, as stored.
 
-    Training and export both take the final scale/offset from here, so they agree bit for bit. With
-    ``storage.dtype`` both are rounded to it; with ``storage.int_zero`` (``offset = -s z``) the final
-    offset is ``-(m s) z`` from the rounded scale, so ``z`` stays the integer zero point.
+    ``shift`` ``d`` (optional, per group) moves the dequantized group after rounding: unlike ``b`` it
+    does not move the codes, so it gets the whole group's gradient (``b``'s in-range gradient is zero
+    under the straight-through round). Training and export both take the final scale/offset from here,
+    so they agree bit for bit. With ``storage.dtype`` both are rounded to it; with ``storage.int_zero``
+    (``offset = -s z``) the final offset is ``-(m s) z`` from the rounded scale, so ``z`` stays the
+    integer zero point (no shift: it would make the offset a non-integer multiple of the scale).
     """
     scale = clamp_scale(scale)
     final_scale = scale if magnitude is None else magnitude * scale
     final_scale = round_to_dtype(final_scale, storage.dtype)
     if storage.int_zero:
+        if shift is not None:
+            raise ValueError("shift with an integer zero point: the offset must stay -scale * z")
         return final_scale, final_scale * round_ste(offset / scale)
+    offset = offset if shift is None else offset + shift
     final_offset = offset if magnitude is None else magnitude * offset
     return final_scale, round_to_dtype(final_offset, storage.dtype)
 
@@ -267,7 +277,8 @@ def fake_quantize(
     group_size: int,
     magnitude: torch.Tensor | None = None,
     storage: Storage = FLOAT,
+    shift: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """``m * (s * Q(w) + b)``: the float weight the quantized model computes with."""
+    """``m * (s * Q(w) + b + d)``: the float weight the quantized model computes with."""
     q = quantize(w, scale, offset, n_bits, group_size)
-    return dequantize(q, *apply_magnitude(scale, offset, magnitude, storage), group_size)
+    return dequantize(q, *apply_magnitude(scale, offset, magnitude, storage, shift), group_size)
