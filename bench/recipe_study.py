@@ -37,6 +37,7 @@ RECIPES = {
     "kd-lr2e-3-mse": ["--loss", "kd", "--lr", "2e-3", "--quant_lr", "1e-4", "--init", "mse"],
     "kd-lr5e-4-mse": ["--loss", "kd", "--lr", "5e-4", "--quant_lr", "1e-4", "--init", "mse"],
     "kd-lr4e-3-mse": ["--loss", "kd", "--lr", "4e-3", "--quant_lr", "1e-4", "--init", "mse"],
+    "kd-lr2e-3-mse-shift5e-4": ["--loss", "kd", "--lr", "2e-3", "--quant_lr", "1e-4", "--init", "mse", "--shift_lr", "5e-4"],
     "kd-lr2e-3-mse-joint": ["--loss", "kd", "--lr", "2e-3", "--quant_lr", "1e-4", "--init", "mse", "--clip_mode", "joint"],
     "kd-lr2e-3-mse-cos": ["--loss", "kd", "--lr", "2e-3", "--quant_lr", "1e-4", "--init", "mse", "--lr_schedule", "cosine"],
     "kd-lr4e-3-mse-cos": ["--loss", "kd", "--lr", "4e-3", "--quant_lr", "1e-4", "--init", "mse", "--lr_schedule", "cosine"],
