@@ -59,6 +59,7 @@ RECIPES = {
     "qa_lora-gptq-r64-lr5e-3": ["--method", "qa_lora", "--base", "gptq", "--rank", "64", "--lr", "5e-3"],
     "qa_lora-gptq-r64-kd-lr2e-3": ["--method", "qa_lora", "--base", "gptq", "--rank", "64", "--lr", "2e-3", "--loss", "kd", "--teacher", "EMBEDDED"],
     "qa_lora-gptq-r64-kd-lr5e-3": ["--method", "qa_lora", "--base", "gptq", "--rank", "64", "--lr", "5e-3", "--loss", "kd", "--teacher", "EMBEDDED"],
+    "qa_lora-gptq-r64-kd-lr5e-3-cos": ["--method", "qa_lora", "--base", "gptq", "--rank", "64", "--lr", "5e-3", "--loss", "kd", "--teacher", "EMBEDDED", "--lr_schedule", "cosine"],
     "qa_lora-gptqmse-r64-lr2e-3": ["--method", "qa_lora", "--base", "gptq-mse", "--rank", "64", "--lr", "2e-3"],
     "full_qat-lr2e-5": ["--method", "full_qat", "--lr", "2e-5"],
     "full_qat-lr2e-4": ["--method", "full_qat", "--lr", "2e-4"],
