@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import copy
 import logging
+import os
+import time
 from dataclasses import replace
 
 import pytest
@@ -12,8 +14,18 @@ from safetensors.torch import save_file
 
 from conftest import tiny_configs, tiny_model
 from dlqat import calibrate, prepare
+from dlqat.cli import main as cli_main
 from dlqat.methods import DLQATConfig, QALoRAConfig, handler
-from dlqat.start_cache import StartCacheError, load_start, model_digest, save_start, start_key
+from dlqat.start_cache import (
+    StartCacheError,
+    describe_starts,
+    load_start,
+    model_digest,
+    prune_starts,
+    save_start,
+    start_key,
+    stored_starts,
+)
 from dlqat.train import fit
 
 
@@ -114,3 +126,44 @@ def test_a_cache_path_that_is_a_file_is_refused(tiny_model_dir, text_file, tmp_p
     with pytest.raises(StartCacheError, match="starts.*not a folder"):
         fit(None, None, method, cfg)
     assert not_a_folder.read_text() == "mine"
+
+
+def test_starts_lists_what_each_file_is_and_prunes_only_unused_dlqat_starts(tmp_path, capsys):
+    """``dlqat starts``: a load refreshes a start's "last used"; pruning removes the dlqat starts unused for
+    longer than asked and nothing else: not a fresh start, not another program's safetensors, not a file
+    whose recorded key is not its name."""
+    tensors = {"layer.weight": torch.zeros(64, 64)}
+    days = 86400
+    now = time.time()
+    for key, start, age_days in (("old", "gptq-mse", 10), ("used", "gptq", 10), ("new", "gptq", 1)):
+        save_start(tmp_path / f"{key}.safetensors", key, {"start": start, "n_bits": 2, "layers": ["a", "b"]}, tensors)
+        os.utime(tmp_path / f"{key}.safetensors", (now - age_days * days, now - age_days * days))
+    load_start(tmp_path / "used.safetensors", "used", tensors)  # a run loads it: used now
+    save_file(tensors, tmp_path / "model.safetensors")  # not ours (no producer)
+    save_file(tensors, tmp_path / "renamed.safetensors", metadata={"key": "old", "producer": "dlqat start cache"})
+    for other in ("model", "renamed"):
+        os.utime(tmp_path / f"{other}.safetensors", (now - 30 * days, now - 30 * days))
+    (tmp_path / "notes.txt").write_text("mine")
+
+    starts, others = stored_starts(tmp_path)
+    assert [s.path.stem for s in starts] == ["used", "new", "old"]  # most recently used first
+    assert [p.stem for p in others] == ["model", "renamed"]
+    assert starts[2].fields == {"start": "gptq-mse", "n_bits": 2, "layers": ["a", "b"]}
+    table = describe_starts(starts, others)
+    assert "| old.safetensors | 0 |" in table and "| gptq-mse | None | 2 | None | 2 |" in table
+    assert (
+        "3 start files" in table and "not a dlqat start (left alone): " + str(tmp_path / "model.safetensors") in table
+    )
+
+    assert [s.path.stem for s in prune_starts(tmp_path, 5, now=now)] == ["old"]
+    remaining = sorted(p.name for p in tmp_path.iterdir())
+    assert remaining == ["model.safetensors", "new.safetensors", "notes.txt", "renamed.safetensors", "used.safetensors"]
+    with pytest.raises(ValueError, match="prune_unused_days=-1.*>= 0"):
+        prune_starts(tmp_path, -1)
+
+    assert cli_main(["starts", str(tmp_path), "--prune_unused_days", "0.5"]) == 0
+    out = capsys.readouterr().out
+    assert f"removed {tmp_path / 'new.safetensors'}" in out and "1 start files" in out
+    assert (tmp_path / "used.safetensors").is_file() and (tmp_path / "model.safetensors").is_file()
+    assert cli_main(["starts", str(tmp_path / "missing")]) == 2
+    assert "missing': no such folder" in capsys.readouterr().err

@@ -141,6 +141,26 @@ def generate(cfg) -> None:
                        pad_token_id=tokenizer.pad_token_id)  # fmt: skip
 
 
+def _starts(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog="dlqat starts", description="What a --start_cache folder holds; remove the starts no run has used lately."
+    )
+    parser.add_argument("folder", help="the folder given to dlqat train --start_cache")
+    parser.add_argument(
+        "--prune_unused_days", "--prune-unused-days", type=float, default=None,
+        help="remove the start files no run has written or loaded for this many days (a run that needs one "
+        "calibrates it again); files that are not dlqat starts are never touched",
+    )  # fmt: skip
+    args = parser.parse_args(argv)
+    from dlqat.start_cache import describe_starts, prune_starts, stored_starts
+
+    if args.prune_unused_days is not None:
+        for start in prune_starts(args.folder, args.prune_unused_days):
+            print(f"removed {start.path} ({start.size / 2**20:.0f} MiB, {start.fields.get('start')} start)")
+    print(describe_starts(*stored_starts(args.folder)))
+    return 0
+
+
 def _compare(argv: list[str]) -> int:
     from dlqat.compare import main as compare_main
 
@@ -154,6 +174,7 @@ COMMANDS = {
     "generate": _generate,
     "compare": _compare,
     "report": _report,
+    "starts": _starts,
 }
 
 
@@ -161,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] not in COMMANDS:
         print(
-            "usage: dlqat {train,eval,export,generate,compare,report} [options]   (dlqat COMMAND --help for details)",
+            "usage: dlqat {train,eval,export,generate,compare,report,starts} [options]   (dlqat COMMAND --help for details)",
             file=sys.stderr,
         )
         return 0 if argv and argv[0] in ("-h", "--help") else 2

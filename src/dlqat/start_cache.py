@@ -7,12 +7,17 @@ settings and the arithmetic of the machine, not on the learning rate, the seed, 
 ``--start_cache DIR`` keeps it as ``DIR/<key>.safetensors``, the key a sha256 of all of those, and a later run
 with the same key loads it instead of calibrating: the same start bit for bit (tested against a fresh one).
 safetensors holds tensors only, so a cache file from elsewhere cannot run code; a file is never overwritten.
+A start is a full copy of the quantized layers' weights, so a sweep's cache grows: ``dlqat starts DIR`` lists
+what each file is and when a run last used it, and removes the ones unused for a given number of days.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
+import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -22,6 +27,7 @@ from safetensors.torch import save_file
 import dlqat
 from dlqat.fileio import atomic_write
 
+PRODUCER = "dlqat start cache"
 FORMAT = 1  # bump when what a cache file holds, or how a start is calibrated, changes
 
 
@@ -80,6 +86,10 @@ def load_start(path: Path, key: str, expected: dict[str, torch.Tensor]) -> dict[
                 f"{path}: {name} is {tuple(tensor.shape)} {tensor.dtype}, expected {tuple(expected[name].shape)} "
                 f"{expected[name].dtype}; delete it to calibrate again"
             )
+    try:
+        os.utime(path)  # "last used", for ``dlqat starts --prune_unused_days``
+    except OSError:
+        pass  # a read-only shared cache still serves its starts
     return tensors
 
 
@@ -87,5 +97,70 @@ def save_start(path: Path, key: str, fields: dict, tensors: dict[str, torch.Tens
     """Write the calibrated ``tensors`` atomically (a killed run leaves no half file); ``fields`` are kept
     in the metadata so that a person can tell what a file is."""
     cpu = {name: t.detach().contiguous().cpu() for name, t in tensors.items()}
-    metadata = {"key": key, "fields": json.dumps(fields, sort_keys=True), "producer": "dlqat start cache"}
+    metadata = {"key": key, "fields": json.dumps(fields, sort_keys=True), "producer": PRODUCER}
     atomic_write(path, lambda tmp: save_file(cpu, tmp, metadata=metadata))
+
+
+@dataclass(frozen=True)
+class StoredStart:
+    """One file of a start cache, described from its metadata (no tensor is read)."""
+
+    path: Path
+    size: int  # bytes
+    last_used: float  # seconds since the epoch: written, or last loaded by a run
+    fields: dict
+
+
+def stored_starts(folder: str | Path) -> tuple[list[StoredStart], list[Path]]:
+    """The start files in ``folder``, most recently used first, and the ``*.safetensors`` files there that are
+    not dlqat starts (another producer, or a key that is not the file's name): those are never removed."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise StartCacheError(f"{str(folder)!r}: no such folder; give the folder a run's --start_cache named")
+    starts, others = [], []
+    for path in sorted(folder.glob("*.safetensors")):
+        try:
+            with safe_open(path, "pt") as f:
+                metadata = f.metadata() or {}
+            ours = metadata.get("producer") == PRODUCER and metadata.get("key") == path.stem
+            fields = json.loads(metadata["fields"]) if ours else {}
+        except (SafetensorError, OSError, KeyError, json.JSONDecodeError):
+            ours = False
+        if not ours or not path.is_file() or path.is_symlink():
+            others.append(path)
+            continue
+        info = path.stat()
+        starts.append(StoredStart(path, info.st_size, info.st_mtime, fields))
+    return sorted(starts, key=lambda start: -start.last_used), others
+
+
+def prune_starts(folder: str | Path, unused_days: float, now: float | None = None) -> list[StoredStart]:
+    """Remove the start files of ``folder`` that no run has written or loaded for ``unused_days`` days; the
+    removed ones. Only files that are dlqat starts by their metadata are touched: a later run that needs
+    one calibrates it again."""
+    if not unused_days >= 0:
+        raise ValueError(f"prune_unused_days={unused_days!r}: expected a number of days >= 0")
+    cutoff = (time.time() if now is None else now) - unused_days * 86400
+    removed = []
+    for start in stored_starts(folder)[0]:
+        if start.last_used < cutoff:
+            start.path.unlink(missing_ok=True)
+            removed.append(start)
+    return removed
+
+
+def describe_starts(starts: list[StoredStart], others: list[Path]) -> str:
+    """A table of a cache's starts (what each file is and when it was last used), for ``dlqat starts``."""
+    head = "| file | MiB | last used | start | layer | bits | group | layers | model sha256 | torch |"
+    lines = [head, "|---" * 10 + "|"]
+    for start in starts:
+        f = start.fields
+        used = time.strftime("%Y-%m-%d %H:%M", time.localtime(start.last_used))
+        lines.append(
+            f"| {start.path.name} | {start.size / 2**20:.0f} | {used} | {f.get('start')} | {f.get('layer')} | {f.get('n_bits')} "
+            f"| {f.get('group_size')} | {len(f.get('layers') or [])} | {str(f.get('model'))[:12]} | {f.get('torch')} |"
+        )
+    total = sum(start.size for start in starts) / 2**20
+    lines.append(f"\n{len(starts)} start files, {total:.0f} MiB")
+    lines += [f"not a dlqat start (left alone): {path}" for path in others]
+    return "\n".join(lines)
