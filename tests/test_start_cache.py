@@ -141,13 +141,15 @@ def test_starts_lists_what_each_file_is_and_prunes_only_unused_dlqat_starts(tmp_
     load_start(tmp_path / "used.safetensors", "used", tensors)  # a run loads it: used now
     save_file(tensors, tmp_path / "model.safetensors")  # not ours (no producer)
     save_file(tensors, tmp_path / "renamed.safetensors", metadata={"key": "old", "producer": "dlqat start cache"})
-    for other in ("model", "renamed"):
+    odd = {"key": "odd", "producer": "dlqat start cache", "fields": "[1]"}  # ours by name, but not what we write
+    save_file(tensors, tmp_path / "odd.safetensors", metadata=odd)
+    for other in ("model", "renamed", "odd"):
         os.utime(tmp_path / f"{other}.safetensors", (now - 30 * days, now - 30 * days))
     (tmp_path / "notes.txt").write_text("mine")
 
     starts, others = stored_starts(tmp_path)
     assert [s.path.stem for s in starts] == ["used", "new", "old"]  # most recently used first
-    assert [p.stem for p in others] == ["model", "renamed"]
+    assert [p.stem for p in others] == ["model", "odd", "renamed"]
     assert starts[2].fields == {"start": "gptq-mse", "n_bits": 2, "layers": ["a", "b"]}
     table = describe_starts(starts, others)
     assert "| old.safetensors | 0 |" in table and "| gptq-mse | None | 2 | None | 2 |" in table
@@ -157,7 +159,9 @@ def test_starts_lists_what_each_file_is_and_prunes_only_unused_dlqat_starts(tmp_
 
     assert [s.path.stem for s in prune_starts(tmp_path, 5, now=now)] == ["old"]
     remaining = sorted(p.name for p in tmp_path.iterdir())
-    assert remaining == ["model.safetensors", "new.safetensors", "notes.txt", "renamed.safetensors", "used.safetensors"]
+    assert remaining == [
+        "model.safetensors", "new.safetensors", "notes.txt", "odd.safetensors", "renamed.safetensors", "used.safetensors"
+    ]  # fmt: skip
     with pytest.raises(ValueError, match="prune_unused_days=-1.*>= 0"):
         prune_starts(tmp_path, -1)
 

@@ -124,6 +124,7 @@ def stored_starts(folder: str | Path) -> tuple[list[StoredStart], list[Path]]:
                 metadata = f.metadata() or {}
             ours = metadata.get("producer") == PRODUCER and metadata.get("key") == path.stem
             fields = json.loads(metadata["fields"]) if ours else {}
+            ours = ours and isinstance(fields, dict)
         except (SafetensorError, OSError, KeyError, json.JSONDecodeError):
             ours = False
         if not ours or not path.is_file() or path.is_symlink():
