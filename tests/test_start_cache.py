@@ -143,13 +143,17 @@ def test_starts_lists_what_each_file_is_and_prunes_only_unused_dlqat_starts(tmp_
     save_file(tensors, tmp_path / "renamed.safetensors", metadata={"key": "old", "producer": "dlqat start cache"})
     odd = {"key": "odd", "producer": "dlqat start cache", "fields": "[1]"}  # ours by name, but not what we write
     save_file(tensors, tmp_path / "odd.safetensors", metadata=odd)
-    for other in ("model", "renamed", "odd"):
+    elsewhere = tmp_path.parent / f"{tmp_path.name}-elsewhere"
+    elsewhere.mkdir()
+    save_start(elsewhere / "link.safetensors", "link", {"start": "gptq"}, tensors)  # a start, but not this folder's
+    (tmp_path / "link.safetensors").symlink_to(elsewhere / "link.safetensors")
+    for other in ("model", "renamed", "odd", "link"):
         os.utime(tmp_path / f"{other}.safetensors", (now - 30 * days, now - 30 * days))
     (tmp_path / "notes.txt").write_text("mine")
 
     starts, others = stored_starts(tmp_path)
     assert [s.path.stem for s in starts] == ["used", "new", "old"]  # most recently used first
-    assert [p.stem for p in others] == ["model", "odd", "renamed"]
+    assert [p.stem for p in others] == ["link", "model", "odd", "renamed"]
     assert starts[2].fields == {"start": "gptq-mse", "n_bits": 2, "layers": ["a", "b"]}
     table = describe_starts(starts, others)
     assert "| old.safetensors | 0 |" in table and "| gptq-mse | None | 2 | None | 2 |" in table
@@ -160,8 +164,10 @@ def test_starts_lists_what_each_file_is_and_prunes_only_unused_dlqat_starts(tmp_
     assert [s.path.stem for s in prune_starts(tmp_path, 5, now=now)] == ["old"]
     remaining = sorted(p.name for p in tmp_path.iterdir())
     assert remaining == [
-        "model.safetensors", "new.safetensors", "notes.txt", "odd.safetensors", "renamed.safetensors", "used.safetensors"
+        "link.safetensors", "model.safetensors", "new.safetensors", "notes.txt", "odd.safetensors",
+        "renamed.safetensors", "used.safetensors",
     ]  # fmt: skip
+    assert (elsewhere / "link.safetensors").is_file()
     with pytest.raises(ValueError, match="prune_unused_days=-1.*>= 0"):
         prune_starts(tmp_path, -1)
 
