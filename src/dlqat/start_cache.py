@@ -25,6 +25,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 import dlqat
+from dlqat.eval.tables import markdown_table
 from dlqat.fileio import atomic_write
 
 PRODUCER = "dlqat start cache"
@@ -152,16 +153,15 @@ def prune_starts(folder: str | Path, unused_days: float, now: float | None = Non
 
 def describe_starts(starts: list[StoredStart], others: list[Path]) -> str:
     """A table of a cache's starts (what each file is and when it was last used), for ``dlqat starts``."""
-    head = "| file | MiB | last used | start | layer | bits | group | layers | model sha256 | torch |"
-    lines = [head, "|---" * 10 + "|"]
-    for start in starts:
-        f = start.fields
-        used = time.strftime("%Y-%m-%d %H:%M", time.localtime(start.last_used))
-        lines.append(
-            f"| {start.path.name} | {start.size / 2**20:.0f} | {used} | {f.get('start')} | {f.get('layer')} | {f.get('n_bits')} "
-            f"| {f.get('group_size')} | {len(f.get('layers') or [])} | {str(f.get('model'))[:12]} | {f.get('torch')} |"
-        )
+    head = ["file", "MiB", "last used", "start", "layer", "bits", "group", "layers", "model sha256", "torch"]
+    rows = [
+        [start.path.name, f"{start.size / 2**20:.0f}", time.strftime("%Y-%m-%d %H:%M", time.localtime(start.last_used)),
+         f.get("start"), f.get("layer"), f.get("n_bits"), f.get("group_size"), len(f.get("layers") or []),
+         str(f.get("model"))[:12], f.get("torch")]
+        for start in starts
+        for f in [start.fields]
+    ]  # fmt: skip
     total = sum(start.size for start in starts) / 2**20
-    lines.append(f"\n{len(starts)} start files, {total:.0f} MiB")
+    lines = [markdown_table(head, rows), f"\n{len(starts)} start files, {total:.0f} MiB"]
     lines += [f"not a dlqat start (left alone): {path}" for path in others]
     return "\n".join(lines)
