@@ -120,6 +120,9 @@ def stored_starts(folder: str | Path) -> tuple[list[StoredStart], list[Path]]:
         raise StartCacheError(f"{str(folder)!r}: no such folder; give the folder a run's --start_cache named")
     starts, others = [], []
     for path in sorted(folder.glob("*.safetensors")):
+        if path.is_symlink() or not path.is_file():  # a link's target belongs to someone else: never read, never ours
+            others.append(path)
+            continue
         try:
             with safe_open(path, "pt") as f:
                 metadata = f.metadata() or {}
@@ -128,7 +131,7 @@ def stored_starts(folder: str | Path) -> tuple[list[StoredStart], list[Path]]:
             ours = ours and isinstance(fields, dict)
         except (SafetensorError, OSError, KeyError, json.JSONDecodeError):
             ours = False
-        if not ours or not path.is_file() or path.is_symlink():
+        if not ours:
             others.append(path)
             continue
         info = path.stat()
