@@ -56,7 +56,18 @@ def _train(argv: list[str]) -> int:
 
     results = train(method_cfg, train_cfg)
     print((Path(train_cfg.output_dir) / "results.md").read_text())
+    _end_process_group()
     return 0 if results else 1
+
+
+def _end_process_group() -> None:
+    """Under torchrun, tear the process group down before exit: left to interpreter shutdown, a gloo worker
+    sometimes aborts ("terminate called without an active exception") after the run has finished and written
+    everything, and torchrun then reports the whole run as failed."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def _parse(config_cls: type, argv: list[str], prog: str, positional: str | None = None):
